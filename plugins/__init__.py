@@ -1,0 +1,1 @@
+"""Built-in plugins. Import as robench.plugins.X, never as plugins.X."""

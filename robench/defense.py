@@ -1,0 +1,70 @@
+"""The contract for defense plugins: anything that produces defended models to evaluate."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+from robench.context import Context
+from robench.plugin import Plugin
+
+
+@dataclass
+class Variant:
+    """One deployable model a defense produced; evaluated and reported on its own.
+
+    :param name: the variant's name, unique within the defense (``model`` for single-model
+        defenses)
+    :param model: the model used for prediction: [0, 1] input, logits out
+    :param grad_model: the model gradient attacks differentiate when ``model`` is not
+        differentiable (e.g. the fake-quant twin of an int8 model); ``None`` means ``model``
+    :param randomized: whether prediction is random (random gates); attacks then use EOT
+    :param bits: bits per stored weight, for the model-size column
+    """
+
+    name: str
+    model: nn.Module
+    grad_model: nn.Module | None = None
+    randomized: bool = False
+    bits: int = 32
+
+    @property
+    def attack_model(self) -> nn.Module:
+        """The model gradient attacks should differentiate."""
+        return self.grad_model if self.grad_model is not None else self.model
+
+
+@dataclass(frozen=True, kw_only=True)
+class Defense(Plugin, ABC):
+    """Base class for defenses. Fields are the defense's hyperparameters.
+
+    Subclasses implement :meth:`fit`. The runner caches what :meth:`fit` returns by a content
+    hash of everything that determines it (dataset, architecture, resolved parameters, seed),
+    and on a rerun loads the weights into :meth:`skeletons` instead of training again.
+
+    ``presets`` maps a preset name (``smoke``, ``paper``) to parameter values; user
+    parameters override the preset. Field defaults should be the paper's values.
+    """
+
+    kind: ClassVar[str] = "defense"
+    presets: ClassVar[Mapping[str, Mapping[str, object]]] = {"smoke": {}, "paper": {}}
+
+    def variant_names(self) -> tuple[str, ...]:
+        """Names of the variants :meth:`fit` returns; known before any compute, for planning."""
+        return ("model",)
+
+    @abstractmethod
+    def fit(self, ctx: Context) -> dict[str, nn.Module]:
+        """Train, compress or load the models; return variant name -> model."""
+
+    def skeletons(self, ctx: Context) -> dict[str, nn.Module]:
+        """Untrained models with the right shapes, to load cached weights into."""
+        return {name: ctx.new_model() for name in self.variant_names()}
+
+    def variant(self, name: str, model: nn.Module) -> Variant:
+        """Describe one fitted model for evaluation; override for randomized or quantized ones."""
+        return Variant(name=name, model=model)
