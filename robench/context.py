@@ -97,6 +97,7 @@ class Context:
     :param seed: the cell's seed; every random draw in training derives from it
     :param preset: ``smoke`` or ``paper``
     :param cache_dir: a folder private to this build, for intermediate artefacts
+    :param default_eps: the dataset's default Linf eps, for defenses that train against one
     :param progress: progress reporting
     :param get_models: builds (or loads from cache) another defense's variants, e.g. the
         start model of a fine-tuning defense: ``get_models("advt", {"eps": 0.1})``
@@ -109,6 +110,7 @@ class Context:
     seed: int
     preset: str
     cache_dir: Path
+    default_eps: float = 0.0
     progress: Progress = field(default_factory=Progress)
     get_models: Callable[[str, dict[str, object]], dict[str, nn.Module]] | None = None
 

@@ -58,6 +58,7 @@ def robench_attacks() -> Sequence[type[Attack]]:
         def robench_attacks():
             return [PGD]
     """
+    raise NotImplementedError  # a specification: plugins implement it
 
 
 @hookspec
@@ -70,6 +71,7 @@ def robench_defenses() -> Sequence[type[Defense]]:
         def robench_defenses():
             return [Baseline, AdversarialTraining]
     """
+    raise NotImplementedError  # a specification: plugins implement it
 
 
 @hookspec
@@ -82,6 +84,7 @@ def robench_datasets() -> Sequence[type[Dataset]]:
         def robench_datasets():
             return [FashionMNIST]
     """
+    raise NotImplementedError  # a specification: plugins implement it
 
 
 @hookspec
@@ -94,6 +97,7 @@ def robench_architectures() -> Sequence[type[Architecture]]:
         def robench_architectures():
             return [CNN8, ResNet20]
     """
+    raise NotImplementedError  # a specification: plugins implement it
 
 
 @hookspec
@@ -106,6 +110,7 @@ def robench_commands() -> Sequence[click.Command]:
         def robench_commands():
             return [my_click_command]
     """
+    raise NotImplementedError  # a specification: plugins implement it
 
 
 # -- Session: called by the runner, in this order ------------------------------

@@ -70,6 +70,8 @@ class Plugin:
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is typing.Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is not None:
+        return str(tp).replace("typing.", "")
     return getattr(tp, "__name__", str(tp))
 
 
@@ -86,10 +88,13 @@ def _coerce(cls: type[Plugin], key: str, value: object, tp: Any) -> object:
         if value is None and type(None) in options:
             return None
         tp = next(t for t in options if t is not type(None))
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        item = typing.get_args(tp)[0]
+        return tuple(_coerce(cls, key, v, item) for v in value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if tp in (int, float, str, bool) and (
-        not isinstance(value, tp) or (tp is int and isinstance(value, bool))
-    ):
+    if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
         raise ConfigError(f"{where} must be {tp.__name__}, got {value!r}")
     return value

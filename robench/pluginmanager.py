@@ -11,7 +11,7 @@ import functools
 import importlib.metadata as md
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,14 +104,15 @@ def _load(ep: md.EntryPoint, info: PluginInfo) -> Any:
         return ep.load()
     except Exception as exc:
         raise PluginLoadError(
-            f"robench could not load plugin {info.display_name} ({info.module}): "
-            f"{type(exc).__name__}: {exc}"
+            f"robench could not load plugin {info.display_name} ({info.module}): {type(exc).__name__}: {exc}"
         ) from exc
 
 
-def _trace_before(hook_name: str, hook_impls: Sequence[Any], kwargs: dict[str, Any]) -> None:
+def _trace_before(hook_name: str, hook_impls: Sequence[pluggy.HookImpl], kwargs: Mapping[str, Any]) -> None:
     print(f"[robench hook] {hook_name}({', '.join(kwargs)}) -> {len(hook_impls)} impl(s)", file=sys.stderr)
 
 
-def _trace_after(outcome: Any, hook_name: str, hook_impls: Sequence[Any], kwargs: dict[str, Any]) -> None:
+def _trace_after(
+    outcome: pluggy.Result[Any], hook_name: str, hook_impls: Sequence[pluggy.HookImpl], kwargs: Mapping[str, Any]
+) -> None:
     print(f"[robench hook] {hook_name} done", file=sys.stderr)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import pluggy
 
@@ -39,7 +39,7 @@ class Registry(Generic[T]):
         self._entries = entries
 
     @classmethod
-    def collect(cls, pm: pluggy.PluginManager, hook: str, base: type[T], kind: str) -> Registry[T]:
+    def collect(cls, pm: pluggy.PluginManager, hook: str, base: type[Any], kind: str) -> Registry[T]:
         """Call ``hook`` on every plugin and check what each returned."""
         infos = plugin_infos(pm)
         entries: dict[str, Entry[T]] = {}
@@ -104,11 +104,10 @@ class Registries:
         )
 
 
-def _check_class(item: object, base: type, info: PluginInfo, hook: str) -> str:
+def _check_class(item: Any, base: type[Any], info: PluginInfo, hook: str) -> str:
     if not (isinstance(item, type) and issubclass(item, base)):
         raise PluginValidationError(
-            f"{info.display_name}: {hook}() returned {item!r}, which is not a subclass of "
-            f"robench.{base.__name__}"
+            f"{info.display_name}: {hook}() returned {item!r}, which is not a subclass of robench.{base.__name__}"
         )
     name = getattr(item, "name", None)
     if not isinstance(name, str) or not name or name != name.lower():
@@ -116,7 +115,7 @@ def _check_class(item: object, base: type, info: PluginInfo, hook: str) -> str:
             f"{info.display_name}: {item.__qualname__} needs a non-empty lowercase `name`, got {name!r}"
         )
     if getattr(item, "__abstractmethods__", None):
-        missing = ", ".join(sorted(item.__abstractmethods__))
+        missing = ", ".join(sorted(getattr(item, "__abstractmethods__", ())))
         raise PluginValidationError(f"{info.display_name}: {item.__qualname__} does not implement {missing}")
     if not dataclasses.is_dataclass(item):
         raise PluginValidationError(

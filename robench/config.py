@@ -1,0 +1,95 @@
+"""The benchmark: what to evaluate, as one frozen value built from flags (or a file).
+
+A :class:`Benchmark` names plugins and their parameters; :func:`robench.grid.plan` resolves
+and validates them against the registries before any compute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from robench.context import NORMS, Norm
+from robench.errors import ConfigError
+
+PRESETS = ("smoke", "paper")
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    """A plugin name with user parameters (which override the preset's)."""
+
+    name: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def of(cls, name: str, params: Mapping[str, Any] | None = None) -> PluginSpec:
+        """Build from a mapping of parameters."""
+        return cls(name, tuple(sorted((params or {}).items())))
+
+    def param_dict(self) -> dict[str, Any]:
+        """Parameters as a dict."""
+        return dict(self.params)
+
+    def label(self) -> str:
+        """``name`` or ``name[k=v,...]``: readable, for cell ids."""
+        if not self.params:
+            return self.name
+        return f"{self.name}[{','.join(f'{k}={_short(v)}' for k, v in self.params)}]"
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """Axes of an evaluation grid; the grid is their product.
+
+    ``eps`` empty means each dataset's default eps for ``norm``.
+    """
+
+    name: str
+    datasets: tuple[str, ...] = ("fashion-mnist",)
+    archs: tuple[str, ...] = ("cnn8",)
+    defenses: tuple[PluginSpec, ...] = ()
+    attacks: tuple[PluginSpec, ...] = ()
+    norm: Norm = "linf"
+    eps: tuple[float, ...] = ()
+    seeds: tuple[int, ...] = (0,)
+    preset: str = "smoke"
+    n_samples: int = 1000
+    sample_seed: int = 0
+    batch_size: int = 250
+    exhaustive: bool = False
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {self.preset!r}; use one of {', '.join(PRESETS)}")
+        if self.norm not in NORMS:
+            raise ConfigError(f"unknown norm {self.norm!r}; use one of {', '.join(NORMS)}")
+        if not self.defenses or not self.attacks:
+            raise ConfigError("a benchmark needs at least one defense and one attack")
+        if self.n_samples < 1 or self.batch_size < 1:
+            raise ConfigError("n_samples and batch_size must be >= 1")
+        if not self.seeds:
+            raise ConfigError("a benchmark needs at least one seed")
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain, JSON-ready form (for the manifest)."""
+        out = asdict(self)
+        out.pop("extra")
+        return out
+
+    def config_hash(self) -> str:
+        """Short hash of everything that defines the results (not of batch size or mode)."""
+        data = self.to_json()
+        for key in ("batch_size", "exhaustive", "name"):
+            data.pop(key)  # these do not change the numbers (DESIGN.md §5)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)

@@ -1,0 +1,50 @@
+"""Model efficiency facts for the results table: size, sparsity, MACs, latency."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Size and cost of one model."""
+
+    params: int
+    nonzero_params: int
+    bits: int
+    model_bytes: int
+    macs: int
+    latency_ms: float
+
+
+def measure(model: nn.Module, example: torch.Tensor, bits: int = 32, repeats: int = 10) -> Efficiency:
+    """Count parameters and MACs, and time single-image inference on ``example``'s device.
+
+    MACs come from torch's own FLOP counter (FLOPs / 2), so no hand-written per-layer table.
+    """
+    tensors = [p for p in model.parameters()]
+    params = sum(p.numel() for p in tensors)
+    nonzero = sum(int(torch.count_nonzero(p)) for p in tensors)
+    one = example[:1]
+    with torch.inference_mode():
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(one)
+        macs = counter.get_total_flops() // 2
+        model(one)  # warm-up
+        times = []
+        for _ in range(repeats):
+            if one.is_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(one)
+            if one.is_cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    return Efficiency(params, nonzero, bits, params * bits // 8, int(macs), 1000 * statistics.median(times))

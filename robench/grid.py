@@ -1,0 +1,145 @@
+"""Expand a :class:`~robench.config.Benchmark` into cells, validating every plugin first.
+
+Planning only: nothing here trains or attacks. Every name and parameter is checked against
+the registries, so a typo fails in milliseconds, not after an hour of training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from robench.attack import Attack
+from robench.config import Benchmark, PluginSpec
+from robench.context import Norm, Threat
+from robench.defense import Defense
+from robench.errors import ConfigError
+from robench.registry import Registries
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    """What determines a built model: built once per key, cached by its hash."""
+
+    dataset: str
+    arch: str
+    defense: str
+    defense_params: str  # canonical JSON of the resolved parameters (preset + user)
+    defense_label: str  # readable: name plus the user's parameters
+    seed: int
+    preset: str
+
+    def digest(self) -> str:
+        """Content hash of the key (the model cache's directory name)."""
+        fields = [self.dataset, self.arch, self.defense, self.defense_params, self.seed]
+        return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One evaluation: a model variant under one attack protocol at one eps."""
+
+    model: ModelKey
+    variant: str
+    attack: str
+    attack_params: str  # canonical JSON of the resolved attack parameters
+    attack_label: str
+    norm: Norm
+    eps: float
+    n_samples: int
+    sample_seed: int
+
+    @property
+    def id(self) -> str:
+        """Stable, readable id, e.g. ``fashion-mnist/cnn8/advt/model/pgd/linf/eps=0.1/seed=0``."""
+        m = self.model
+        return (
+            f"{m.dataset}/{m.arch}/{m.defense_label}/{self.variant}/{self.attack_label}/"
+            f"{self.norm}/eps={self.eps:g}/seed={m.seed}"
+        )
+
+    @property
+    def key(self) -> str:
+        """Content hash of everything that determines the cell's numbers (file names)."""
+        fields = [
+            self.model.digest(),
+            self.variant,
+            self.attack,
+            self.attack_params,
+            self.norm,
+            self.eps,
+            self.n_samples,
+            self.sample_seed,
+        ]
+        return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
+
+    @property
+    def threat(self) -> Threat:
+        """The cell's threat model."""
+        return Threat(self.norm, self.eps)
+
+
+def resolve_defense(registries: Registries, spec: PluginSpec, preset: str, dataset: str) -> Defense:
+    """The defense instance for ``spec``: preset values, dataset-specific ones, then the user's."""
+    cls = registries.defenses.get(spec.name)
+    values: dict[str, Any] = {}
+    for key in (preset, f"{preset}:{dataset}"):
+        values.update(cls.presets.get(key, {}))
+    values.update(spec.param_dict())
+    return cls.create(values)
+
+
+def resolve_attack(registries: Registries, spec: PluginSpec, norm: Norm) -> Attack:
+    """The attack instance for ``spec``, checked against the threat norm."""
+    cls = registries.attacks.get(spec.name)
+    if norm not in cls.norms:
+        raise ConfigError(f"attack {spec.name!r} supports {', '.join(sorted(cls.norms))}, not {norm}")
+    return cls.create(spec.param_dict())
+
+
+def plan(benchmark: Benchmark, registries: Registries) -> list[Cell]:
+    """Every cell of the benchmark, in execution order (grouped by model)."""
+    for name in benchmark.archs:
+        registries.architectures.get(name)
+    attacks = [(spec, resolve_attack(registries, spec, benchmark.norm)) for spec in benchmark.attacks]
+    cells = []
+    for dataset in benchmark.datasets:
+        eps_grid = _eps_grid(benchmark, registries, dataset)
+        for arch, spec, seed in itertools.product(benchmark.archs, benchmark.defenses, benchmark.seeds):
+            defense = resolve_defense(registries, spec, benchmark.preset, dataset)
+            key = ModelKey(dataset, arch, spec.name, defense.canonical(), spec.label(), seed, benchmark.preset)
+            for variant, (aspec, attack), eps in itertools.product(defense.variant_names(), attacks, eps_grid):
+                cells.append(
+                    Cell(
+                        key,
+                        variant,
+                        aspec.name,
+                        attack.canonical(),
+                        aspec.label(),
+                        benchmark.norm,
+                        eps,
+                        benchmark.n_samples,
+                        benchmark.sample_seed,
+                    )
+                )
+    _check_unique(cells)
+    return cells
+
+
+def _eps_grid(benchmark: Benchmark, registries: Registries, dataset: str) -> tuple[float, ...]:
+    if benchmark.eps:
+        for eps in benchmark.eps:
+            Threat(benchmark.norm, eps)  # validates the range
+        return benchmark.eps
+    return (registries.datasets.get(dataset).default_eps[benchmark.norm],)
+
+
+def _check_unique(cells: list[Cell]) -> None:
+    seen: dict[str, Cell] = {}
+    for cell in cells:
+        if cell.id in seen:
+            raise ConfigError(f"the benchmark lists cell {cell.id} twice; remove the duplicate axis value")
+        seen[cell.id] = cell

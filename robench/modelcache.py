@@ -1,0 +1,109 @@
+"""On-disk cache of built models, keyed by a content hash of everything that determines them.
+
+``<root>/models/<hash>/`` holds one state dict per variant (loaded with
+``weights_only=True``, never an arbitrary unpickle) and ``meta.json`` with the key, the
+sha256 of every weight file and the build time. A folder is renamed into place only once
+complete, so an interrupted build leaves nothing that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from robench.context import Context, ImageData
+from robench.defense import Defense
+from robench.grid import ModelKey
+
+FORMAT_VERSION = 1
+
+
+def data_fingerprint(data: ImageData) -> str:
+    """A cheap hash of a split: labels in full, every 97th image."""
+    h = hashlib.sha256()
+    h.update(data.labels.numpy().tobytes())
+    h.update(data.images[::97].contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class ModelCache:
+    """Builds each model key once; later calls load it from disk."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def folder(self, key: ModelKey, fingerprint: str) -> Path:
+        """Where the models of ``key`` trained on data ``fingerprint`` live."""
+        digest = hashlib.sha256(f"{key.digest()}:{fingerprint}:{FORMAT_VERSION}".encode()).hexdigest()[:16]
+        return self.root / "models" / digest
+
+    def get(
+        self, key: ModelKey, defense: Defense, ctx: Context, fingerprint: str
+    ) -> tuple[dict[str, nn.Module], float, str]:
+        """(variant -> model, build seconds (0 if loaded), cache folder name)."""
+        folder = self.folder(key, fingerprint)
+        if (folder / "meta.json").exists():
+            models = self._load(folder, defense, ctx)
+            if models is not None:
+                return models, 0.0, folder.name
+            ctx.progress.log(f"model cache {folder} is corrupt; rebuilding it")
+            shutil.rmtree(folder, ignore_errors=True)
+        start = time.perf_counter()
+        work = ctx.cache_dir
+        work.mkdir(parents=True, exist_ok=True)
+        models = defense.fit(ctx)
+        seconds = time.perf_counter() - start
+        self._save(folder, key, fingerprint, models, seconds)
+        return models, seconds, folder.name
+
+    def _load(self, folder: Path, defense: Defense, ctx: Context) -> dict[str, nn.Module] | None:
+        meta = json.loads((folder / "meta.json").read_text())
+        skeletons = defense.skeletons(ctx)
+        if set(skeletons) != set(meta["files"]):
+            return None
+        for name, model in skeletons.items():
+            path = folder / f"{name}.pt"
+            if not path.exists() or _sha256(path) != meta["files"][name]:
+                return None
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+            model.eval()
+        return skeletons
+
+    def _save(
+        self, folder: Path, key: ModelKey, fingerprint: str, models: dict[str, nn.Module], seconds: float
+    ) -> None:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            files = {}
+            for name, model in models.items():
+                path = tmp / f"{name}.pt"
+                torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+                files[name] = _sha256(path)
+            meta = {
+                "key": asdict(key),
+                "data": fingerprint,
+                "files": files,
+                "build_seconds": seconds,
+                "format": FORMAT_VERSION,
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+            if folder.exists():  # another writer finished first; theirs is as good
+                return
+            os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -1,0 +1,198 @@
+"""The results schema, and the only code that writes or reads a run folder.
+
+A run folder (``results/<run>/``) holds:
+
+* ``cells/<cell key>.parquet``: one row per finished cell (schema :data:`CELL_SCHEMA`);
+* ``samples/<cell key>.parquet``: per-sample outcomes of that cell (:data:`SAMPLE_SCHEMA`);
+* ``manifest.json``: the resolved benchmark, the evaluation subset and the model hashes.
+
+Each file is written to a hidden temporary name and renamed into place, so a crash never
+leaves a half-written file that looks finished; pyarrow ignores hidden files when it reads
+the folder as one dataset. A cell counts as finished once its ``cells/`` file exists; the
+samples file is written first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 1
+
+# name, type, meaning: the schema is written down once, here.
+_CELL_COLUMNS: list[tuple[str, pa.DataType, str]] = [
+    ("schema_version", pa.int32(), "version of this schema"),
+    ("cell_key", pa.string(), "content hash of everything that determines the cell (file name)"),
+    ("cell_id", pa.string(), "readable id: dataset/arch/defense/variant/attack/norm/eps/seed"),
+    ("dataset", pa.string(), "dataset plugin name"),
+    ("arch", pa.string(), "architecture plugin name"),
+    ("defense", pa.string(), "defense plugin name"),
+    ("defense_params", pa.string(), "resolved defense parameters (preset + user), canonical JSON"),
+    ("preset", pa.string(), "preset the defense parameters came from: smoke or paper"),
+    ("variant", pa.string(), "which of the defense's models was evaluated"),
+    ("attack", pa.string(), "attack plugin name (the protocol)"),
+    ("attack_params", pa.string(), "resolved attack parameters, canonical JSON"),
+    ("norm", pa.string(), "threat norm: linf or l2"),
+    ("eps", pa.float64(), "threat radius in [0, 1] pixel units"),
+    ("seed", pa.int64(), "seed of the model build (training) and of the attack's random starts"),
+    ("status", pa.string(), "ok, or error (then error holds the message)"),
+    ("error", pa.string(), "error text for status=error, else empty"),
+    ("n", pa.int64(), "number of evaluated samples"),
+    ("sample_seed", pa.int64(), "seed of the random evaluation subset of the test split"),
+    ("clean_acc", pa.float64(), "accuracy on clean inputs"),
+    ("robust_acc", pa.float64(), "all-or-nothing robust accuracy: correct clean and under every version"),
+    ("robust_ci_low", pa.float64(), "Wilson 95% interval of robust_acc, low end"),
+    ("robust_ci_high", pa.float64(), "Wilson 95% interval of robust_acc, high end"),
+    ("n_versions", pa.int64(), "number of attack versions (restarts) in the protocol"),
+    ("exhaustive", pa.bool_(), "true if every version ran on every sample (no early exit)"),
+    ("randomized", pa.bool_(), "true if the variant's prediction is random (random gates)"),
+    ("params", pa.int64(), "number of model parameters"),
+    ("nonzero_params", pa.int64(), "number of non-zero parameters"),
+    ("bits", pa.int32(), "bits per stored weight"),
+    ("model_bytes", pa.int64(), "weight storage at that bit width: params * bits / 8"),
+    ("macs", pa.int64(), "multiply-accumulates per image (conv and linear layers)"),
+    ("latency_ms", pa.float64(), "median wall time of one single-image forward pass on `device`"),
+    ("build_seconds", pa.float64(), "seconds spent training/compressing the model (0 when cached)"),
+    ("attack_seconds", pa.float64(), "seconds spent evaluating the cell (attacks and scoring)"),
+    ("gradient_calls", pa.int64(), "sample-level forward+backward passes the attacks used"),
+    ("robench_version", pa.string(), "robench version"),
+    ("plugins", pa.string(), "JSON of plugin -> distribution==version for every loaded plugin"),
+    ("torch_version", pa.string(), "torch version"),
+    ("device", pa.string(), "device the cell ran on"),
+    ("git_revision", pa.string(), "git revision of the working directory, if any"),
+    ("config_hash", pa.string(), "hash of the benchmark configuration"),
+    ("model_hash", pa.string(), "content hash of the model key (model cache directory)"),
+    ("started_at", pa.timestamp("us", tz="UTC"), "when the cell's evaluation started"),
+    ("finished_at", pa.timestamp("us", tz="UTC"), "when it finished"),
+]
+
+_SAMPLE_COLUMNS: list[tuple[str, pa.DataType, str]] = [
+    ("cell_key", pa.string(), "the cell (joins cells.cell_key)"),
+    ("sample", pa.int64(), "index of the sample in the dataset's test split"),
+    ("version", pa.int32(), "-1 for the clean input, else the attack version (restart) index"),
+    ("correct", pa.bool_(), "whether the model classified this input correctly"),
+]
+
+
+def _schema(columns: list[tuple[str, pa.DataType, str]]) -> pa.Schema:
+    fields = [pa.field(n, t, metadata={"doc": d}) for n, t, d in columns]
+    return pa.schema(fields, metadata={"robench_schema_version": str(SCHEMA_VERSION)})
+
+
+CELL_SCHEMA = _schema(_CELL_COLUMNS)
+SAMPLE_SCHEMA = _schema(_SAMPLE_COLUMNS)
+
+
+@dataclass
+class CellResult:
+    """A finished (or failed) cell: its row and its per-sample outcomes. Picklable."""
+
+    row: dict[str, Any]
+    samples: dict[str, list[Any]] = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        """``ok`` or ``error``."""
+        return str(self.row["status"])
+
+    @property
+    def cell_id(self) -> str:
+        """The cell's readable id."""
+        return str(self.row["cell_id"])
+
+
+class RunStore:
+    """Reads and writes one run folder."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def finished(self) -> dict[str, CellResult]:
+        """Cells already stored with status ok, by cell key (these are skipped on resume)."""
+        if not (self.path / "cells").is_dir():
+            return {}
+        table = self.read_cells()
+        ok = table[table["status"] == "ok"]
+        return {str(row["cell_key"]): CellResult({str(k): v for k, v in row.items()}) for row in ok.to_dict("records")}
+
+    def write(self, result: CellResult) -> Path:
+        """Store one cell atomically: samples first, then the row that marks it finished."""
+        key = result.row["cell_key"]
+        samples = result.samples or {name: [] for name in SAMPLE_SCHEMA.names}
+        _atomic_parquet(pa.Table.from_pydict(samples, schema=SAMPLE_SCHEMA), self.path / "samples" / f"{key}.parquet")
+        row = {name: [result.row.get(name)] for name in CELL_SCHEMA.names}
+        row["schema_version"] = [SCHEMA_VERSION]
+        target = self.path / "cells" / f"{key}.parquet"
+        _atomic_parquet(pa.Table.from_pydict(row, schema=CELL_SCHEMA), target)
+        return target
+
+    def read_cells(self) -> pd.DataFrame:
+        """Every stored cell as one table."""
+        return _read_folder(self.path / "cells", CELL_SCHEMA)
+
+    def read_samples(self) -> pd.DataFrame:
+        """Every stored per-sample outcome as one table."""
+        return _read_folder(self.path / "samples", SAMPLE_SCHEMA)
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        """Write ``manifest.json`` atomically."""
+        data = json.dumps({"schema_version": SCHEMA_VERSION, **manifest}, indent=2, sort_keys=True, default=str)
+        _atomic_bytes(data.encode(), self.path / "manifest.json")
+
+    def read_manifest(self) -> dict[str, Any]:
+        """The run's manifest."""
+        manifest: dict[str, Any] = json.loads((self.path / "manifest.json").read_text())
+        return manifest
+
+
+def describe_schema() -> Iterator[tuple[str, str, str, str]]:
+    """(table, column, type, meaning) for every column: the documented schema."""
+    for table, columns in (("cells", _CELL_COLUMNS), ("samples", _SAMPLE_COLUMNS)):
+        for name, dtype, doc in columns:
+            yield table, name, str(dtype), doc
+
+
+def _read_folder(folder: Path, schema: pa.Schema) -> pd.DataFrame:
+    files = sorted(p for p in folder.glob("*.parquet") if not p.name.startswith(".")) if folder.is_dir() else []
+    table = pq.ParquetDataset(files, schema=schema).read() if files else schema.empty_table()
+    frame: pd.DataFrame = table.to_pandas()
+    return frame
+
+
+def _atomic_parquet(table: pa.Table, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        _fsync_replace(Path(tmp), target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _atomic_bytes(data: bytes, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    try:
+        _fsync_replace(Path(tmp), target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _fsync_replace(tmp: Path, target: Path) -> None:
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, target)
