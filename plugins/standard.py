@@ -10,7 +10,8 @@ Presets (``robench.Defense.presets``), with where each value comes from:
   200 epochs, SGD lr 0.1, momentum 0.9, wd 1e-4, batch 128, lr x0.1 at epochs 100 and 150,
   crop+flip; adversarial training with Madry's PGD-10, step eps/4 (2/255 at 8/255).
 * ``smoke``: a 2-core CPU budget on Fashion-MNIST: a training subset, 2 epochs, SGD with
-  momentum 0.9 at lr 0.02, and PGD-5 (step eps/4, random start) for adversarial training.
+  momentum 0.9 at lr 0.02, and PGD-5 (step eps/4, random start) for adversarial training,
+  with the training eps ramped up over the first 20 % of steps (``eps_warmup``).
 """
 
 from __future__ import annotations
@@ -103,6 +104,11 @@ class AdversarialTraining(Baseline):
         attack_steps: PGD steps per training batch.
         attack_step_size: PGD step as a fraction of eps.
         random_start: start PGD at a random point of the eps-ball.
+        eps_warmup: fraction of the training steps over which the training eps ramps linearly
+            from 0 to ``eps`` (0 = Madry's constant eps). A no-BatchNorm network such as cnn8,
+            trained adversarially from scratch for only a few hundred steps, can stay stuck
+            predicting one class; a short ramp lets it learn clean features first (the smoke
+            preset uses 0.2).
     """
 
     name: ClassVar[str] = "advt"
@@ -110,24 +116,36 @@ class AdversarialTraining(Baseline):
         "paper": {"attack_steps": 20, "attack_step_size": 0.1, "random_start": False},
         "paper:cifar10": {**_CIFAR, "attack_steps": 10, "attack_step_size": 0.25},
         "paper:cifar100": {**_CIFAR, "attack_steps": 10, "attack_step_size": 0.25},
-        "smoke": {**_SMOKE, "train_subset": 15000, "attack_steps": 5, "attack_step_size": 0.25},
+        "smoke": {**_SMOKE, "train_subset": 15000, "attack_steps": 5, "attack_step_size": 0.25, "eps_warmup": 0.2},
     }
     eps: float = 0.0
     attack_steps: int = 10
     attack_step_size: float = 0.25
     random_start: bool = True
+    eps_warmup: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.eps_warmup <= 1 or self.eps < 0 or self.attack_steps < 1:
+            raise ValueError("eps_warmup must be in [0, 1], eps >= 0 and attack_steps >= 1")
 
     def fit(self, ctx: robench.Context) -> dict[str, nn.Module]:
         """Train a fresh model on PGD examples generated against itself."""
         eps = self.eps or ctx.default_eps
         model = ctx.new_model()
+        n_train = min(self.train_subset or len(ctx.train), len(ctx.train))
+        ramp_steps = self.eps_warmup * self.epochs * -(-n_train // self.batch_size)
+        step = 0
 
         def pgd_inputs(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+            nonlocal step
+            step += 1
+            eps_now = eps * min(1.0, step / ramp_steps) if ramp_steps else eps
             # torchattacks' PGD as is: training needs reproducible, not per-sample, draws.
             attack = torchattacks.PGD(
                 m,
-                eps=eps,
-                alpha=self.attack_step_size * eps,
+                eps=eps_now,
+                alpha=self.attack_step_size * eps_now,
                 steps=self.attack_steps,
                 random_start=self.random_start,
             )

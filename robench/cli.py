@@ -89,7 +89,8 @@ def _benchmark_options(func: F) -> F:
             "defense_params",
             multiple=True,
             metavar="KEY=VALUE",
-            help="Defense parameter overriding the preset, e.g. -D epochs=5 (repeatable).",
+            help="Defense parameter overriding the preset, e.g. -D epochs=5, or for one defense only, "
+            "-D advt.eps=0.05 (repeatable).",
         ),
         click.option(
             "-A",
@@ -97,7 +98,7 @@ def _benchmark_options(func: F) -> F:
             "attack_params",
             multiple=True,
             metavar="KEY=VALUE",
-            help="Attack parameter, e.g. -A steps=50 -A loss=cw (repeatable).",
+            help="Attack parameter, e.g. -A steps=50 -A loss=cw, or -A pgd.steps=50 (repeatable).",
         ),
         click.option(
             "--dataset",
@@ -161,12 +162,14 @@ def _benchmark_options(func: F) -> F:
 def _benchmark(opts: dict[str, Any], exhaustive: bool = False) -> Benchmark:
     dparams, aparams = _kv(opts["defense_params"]), _kv(opts["attack_params"])
     name = "-".join([*opts["defenses"], *opts["attacks"], *opts["datasets"]])
+    _check_scopes(dparams, opts["defenses"], "-D")
+    _check_scopes(aparams, opts["attacks"], "-A")
     return Benchmark(
         name=re.sub(r"[^A-Za-z0-9_.-]+", "_", name),
         datasets=tuple(opts["datasets"]),
         archs=tuple(opts["archs"]),
-        defenses=tuple(PluginSpec.of(d, dparams) for d in opts["defenses"]),
-        attacks=tuple(PluginSpec.of(a, aparams) for a in opts["attacks"]),
+        defenses=tuple(PluginSpec.of(d, _scoped(dparams, d)) for d in opts["defenses"]),
+        attacks=tuple(PluginSpec.of(a, _scoped(aparams, a)) for a in opts["attacks"]),
         norm=opts["norm"],
         eps=tuple(opts["eps"]),
         seeds=tuple(opts["seeds"]),
@@ -176,6 +179,22 @@ def _benchmark(opts: dict[str, Any], exhaustive: bool = False) -> Benchmark:
         batch_size=opts["batch_size"],
         exhaustive=exhaustive,
     )
+
+
+def _scoped(params: dict[str, Any], plugin: str) -> dict[str, Any]:
+    """Parameters for ``plugin``: unscoped ``key`` apply to every plugin, ``plugin.key`` to one."""
+    out = {k: v for k, v in params.items() if "." not in k}
+    out.update({k.split(".", 1)[1]: v for k, v in params.items() if k.split(".", 1)[0] == plugin and "." in k})
+    return out
+
+
+def _check_scopes(params: dict[str, Any], plugins: Sequence[str], flag: str) -> None:
+    for key in params:
+        scope = key.split(".", 1)[0] if "." in key else None
+        if scope is not None and scope not in plugins:
+            raise ConfigError(
+                f"{flag} {key}=...: {scope!r} is not one of the plugins in this run ({', '.join(plugins)})"
+            )
 
 
 @click.group(cls=_Group)

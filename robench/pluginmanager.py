@@ -52,6 +52,8 @@ def get_plugin_manager(*, group: str = "robench", disabled: Iterable[str] = ()) 
         pm.set_blocked(name)
     infos: dict[str, PluginInfo] = {}
     for ep in sorted(md.entry_points(group=group), key=lambda e: (e.name, e.value)):
+        if pm.is_blocked(ep.name):  # blocking also resolves a name clash between distributions
+            continue
         info = _info(ep)
         if ep.name in infos:
             raise PluginConflictError(
@@ -60,11 +62,14 @@ def get_plugin_manager(*, group: str = "robench", disabled: Iterable[str] = ()) 
                 f"uninstall one of them or block it with {DISABLE_ENV}"
             )
         infos[ep.name] = info
-        if pm.is_blocked(ep.name):
-            continue
-        pm.register(_load(ep, info), name=ep.name)
-    pm.robench_infos = {n: i for n, i in infos.items() if not pm.is_blocked(n)}  # type: ignore[attr-defined]
-    pm.check_pending()
+        _register(pm, ep, info)
+    pm.robench_infos = infos  # type: ignore[attr-defined]
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        culprit = infos.get(pm.get_name(exc.plugin) or "")
+        where = culprit.display_name if culprit else str(exc.plugin)
+        raise PluginLoadError(f"robench could not load plugin {where}: {exc}") from exc
     if os.environ.get(TRACE_ENV):
         pm.add_hookcall_monitoring(_trace_before, _trace_after)
     return pm
@@ -81,6 +86,8 @@ def plugin_infos(pm: pluggy.PluginManager) -> dict[str, PluginInfo]:
     known: dict[str, PluginInfo] = getattr(pm, "robench_infos", {})
     out = {}
     for name, plugin in pm.list_name_plugin():
+        if plugin is None:  # blocked
+            continue
         if name in known:
             out[name] = known[name]
         else:
@@ -99,9 +106,10 @@ def _info(ep: md.EntryPoint) -> PluginInfo:
     )
 
 
-def _load(ep: md.EntryPoint, info: PluginInfo) -> Any:
+def _register(pm: pluggy.PluginManager, ep: md.EntryPoint, info: PluginInfo) -> None:
+    """Import the entry point and register it; any failure names the plugin."""
     try:
-        return ep.load()
+        pm.register(ep.load(), name=ep.name)
     except Exception as exc:
         raise PluginLoadError(
             f"robench could not load plugin {info.display_name} ({info.module}): {type(exc).__name__}: {exc}"

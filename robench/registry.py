@@ -6,7 +6,6 @@ rather than calling the hook), so every error names the culprit.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -55,9 +54,7 @@ class Registry(Generic[T]):
                 if name in entries:
                     other = entries[name].plugin
                     raise PluginConflictError(
-                        f"{kind} {name!r} is provided by both {other.display_name} "
-                        f"({other.dist} {other.version}) and {info.display_name} "
-                        f"({info.dist} {info.version})"
+                        f"{kind} {name!r} is provided by both {_provider(other)} and {_provider(info)}"
                     )
                 entries[name] = Entry(item, info)
         return cls(kind, dict(sorted(entries.items())))
@@ -104,6 +101,10 @@ class Registries:
         )
 
 
+def _provider(info: PluginInfo) -> str:
+    return f"{info.display_name} ({f'{info.dist} {info.version}'.strip()})"
+
+
 def _check_class(item: Any, base: type[Any], info: PluginInfo, hook: str) -> str:
     if not (isinstance(item, type) and issubclass(item, base)):
         raise PluginValidationError(
@@ -117,7 +118,7 @@ def _check_class(item: Any, base: type[Any], info: PluginInfo, hook: str) -> str
     if getattr(item, "__abstractmethods__", None):
         missing = ", ".join(sorted(getattr(item, "__abstractmethods__", ())))
         raise PluginValidationError(f"{info.display_name}: {item.__qualname__} does not implement {missing}")
-    if not dataclasses.is_dataclass(item):
+    if "__dataclass_fields__" not in vars(item):  # the base classes are dataclasses: check the class itself
         raise PluginValidationError(
             f"{info.display_name}: {item.__qualname__} must be a dataclass "
             "(@dataclass(frozen=True, kw_only=True)); its fields are its parameters"

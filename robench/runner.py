@@ -93,7 +93,7 @@ class Session:
         return Context(
             train=train,
             shape=shape,
-            new_model=lambda: make_model(arch, shape),
+            new_model=ModelFactory(arch, shape, key.seed),
             device=self.device,
             seed=key.seed,
             preset=key.preset,
@@ -216,6 +216,21 @@ class Session:
             "finished_at": _now(),
         }
         return CellResult(row)
+
+
+class ModelFactory:
+    """Builds fresh models whose initialisation depends only on the seed and the call count,
+    never on whatever else used the global generator before."""
+
+    def __init__(self, arch: robench.Architecture, shape: robench.DataShape, seed: int) -> None:
+        self.arch, self.shape, self.seed, self.calls = arch, shape, seed, 0
+
+    def __call__(self) -> nn.Module:
+        """The next fresh model."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1_000_003 + self.calls)
+            self.calls += 1
+            return make_model(self.arch, self.shape)
 
 
 def run(

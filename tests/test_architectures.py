@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
+
+import robench
+from robench.architecture import Normalize, make_model
 from robench.plugins.architectures import (
     CNN8,
     VGG16,
@@ -12,10 +16,6 @@ from robench.plugins.architectures import (
     ResNet20,
     robench_architectures,
 )
-from torch import nn
-
-import robench
-from robench.architecture import Normalize, make_model
 
 FMNIST = robench.DataShape(channels=1, height=28, width=28, num_classes=10, mean=(0.2860,), std=(0.3530,))
 CIFAR10 = robench.DataShape(

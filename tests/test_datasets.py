@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from robench.plugins import cifar, fashion_mnist
-from robench.plugins.cifar import CIFAR10, CIFAR100, RestrictedUnpickler
-from robench.plugins.fashion_mnist import FashionMNIST
 
 from robench.context import ImageData
 from robench.errors import ConfigError, DataNotFoundError
+from robench.plugins import cifar, fashion_mnist
+from robench.plugins.cifar import CIFAR10, CIFAR100, RestrictedUnpickler
+from robench.plugins.fashion_mnist import FashionMNIST
 
 REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 

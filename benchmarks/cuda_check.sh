@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The CUDA path, checked on a GPU machine (CI has none): offline install, the CUDA tests,
+# and the default job on the GPU next to the same job on the CPU.
+# Usage (repo root, on the GPU machine): OUT=/some/dir bash benchmarks/cuda_check.sh
+# Offline machines: put the torchattacks wheel in .whl/ and Fashion-MNIST's idx files in .data/fashion-mnist/.
+set -euo pipefail
+OUT=${OUT:-/tmp/robench-cuda-check}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null
+if [ -d .data ]; then export ROBENCH_DATA=$PWD/.data; fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_runner.py tests/test_attacks.py 2>&1 | tail -5
+job=(robench run --defense baseline --defense advt --attack pgd)
+for device in cuda cpu; do
+  start=$(date +%s.%N)
+  "${job[@]}" --device "$device" --out "$OUT/$device-run" --cache-dir "/tmp/robench-cache-$device" 2>"$OUT/$device.log"
+  echo "$device wall seconds: $(echo "$(date +%s.%N) - $start" | bc)"
+done

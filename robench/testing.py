@@ -1,0 +1,174 @@
+"""Conformance checks for plugin authors (and robench's own built-ins).
+
+Opt in from your tests::
+
+    from robench.testing import check_attack
+    def test_conforms():
+        check_attack(MyAttack)
+
+Each check runs on tiny CPU models and data in seconds.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pluggy
+import torch
+from torch import nn
+
+from robench.architecture import Architecture, Normalize, make_model
+from robench.attack import Attack, sample_keys
+from robench.context import Context, DataShape, ImageData, Norm, Threat
+from robench.dataset import Dataset, Split
+from robench.defense import Defense
+
+hookimpl = pluggy.HookimplMarker("robench")
+TINY_SHAPE = DataShape(channels=1, height=12, width=12, num_classes=4, mean=(0.5,), std=(0.25,))
+
+
+def tiny_model(shape: DataShape = TINY_SHAPE, seed: int = 0) -> nn.Module:
+    """A small conv net with normalisation inside, in eval mode, initialised from ``seed``."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return nn.Sequential(Normalize(shape.mean, shape.std), _tiny_net(shape)).eval()
+
+
+def _tiny_net(shape: DataShape) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(shape.channels, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(4),
+        nn.Flatten(),
+        nn.Linear(8 * 16, shape.num_classes),
+    )
+
+
+def tiny_data(n: int = 64, shape: DataShape = TINY_SHAPE, seed: int = 0) -> ImageData:
+    """Random uint8 images whose label is which quadrant is brightest (learnable in a few steps)."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 120, (n, shape.channels, shape.height, shape.width), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, shape.num_classes, (n,), generator=g)
+    h, w = shape.height // 2, shape.width // 2
+    for i, label in enumerate(labels.tolist()):
+        r, c = divmod(label % 4, 2)
+        images[i, :, r * h : (r + 1) * h, c * w : (c + 1) * w] += 120
+    return ImageData(images, labels)
+
+
+def tiny_context(tmp: Path, seed: int = 0, preset: str = "smoke", shape: DataShape = TINY_SHAPE) -> Context:
+    """A build context over :func:`tiny_data` and :func:`tiny_model`."""
+    return Context(
+        train=tiny_data(128, shape, seed),
+        shape=shape,
+        new_model=lambda: tiny_model(shape, seed).train(),
+        device=torch.device("cpu"),
+        seed=seed,
+        preset=preset,
+        cache_dir=tmp,
+        default_eps=0.1,
+    )
+
+
+def check_attack(cls: type[Attack], params: dict[str, Any] | None = None) -> None:
+    """Shapes, dtype, eps-ball, [0, 1], per-sample determinism and batch independence."""
+    attack = cls.create(params or {})
+    assert attack.n_versions() >= 1
+    data = tiny_data(16)
+    x, y = data.batch(torch.arange(16))
+    model = tiny_model()
+    for norm in sorted(cls.norms):
+        threat = Threat(norm, 0.1 if norm == "linf" else 0.5)
+        keys = sample_keys(123, torch.arange(16))
+        adv = attack.perturb(model, x, y, threat, keys)
+        assert adv.shape == x.shape and adv.dtype == x.dtype, f"{cls.name}: wrong shape or dtype"
+        assert float(adv.min()) >= 0 and float(adv.max()) <= 1, f"{cls.name}: output outside [0, 1]"
+        delta = (adv - x).flatten(1)
+        size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+        assert float(size.max()) <= threat.eps + 1e-5, f"{cls.name}: output outside the {norm} ball"
+        again = attack.perturb(model, x, y, threat, keys)
+        assert torch.equal(adv, again), f"{cls.name}: same keys must give the same result"
+        half = attack.perturb(model, x[8:], y[8:], threat, keys[8:])
+        assert torch.allclose(adv[8:], half, atol=1e-6), f"{cls.name}: result depends on the batch"
+
+
+def check_defense(cls: type[Defense], params: dict[str, Any] | None = None) -> None:
+    """Presets resolve; fit returns the declared variants, which map [0, 1] inputs to logits."""
+    for values in cls.presets.values():
+        cls.create(dict(values))  # every preset must be valid
+    defense = cls.create({**cls.presets.get("smoke", {}), **(params or {})})
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = tiny_context(Path(tmp))
+        models = defense.fit(ctx)
+        assert set(models) == set(defense.variant_names()), f"{cls.name}: fit returned other variants"
+        skeletons = defense.skeletons(ctx)
+        x, _ = ctx.train.batch(torch.arange(4))
+        for name, model in models.items():
+            skeletons[name].load_state_dict(model.state_dict())
+            variant = defense.variant(name, model.eval())
+            out = variant.model(x)
+            assert out.shape == (4, ctx.shape.num_classes), f"{cls.name}/{name}: logits have the wrong shape"
+
+
+def check_dataset(cls: type[Dataset]) -> None:
+    """Class attributes are consistent (loading needs the real files: see the dataset tests)."""
+    shape = cls.shape
+    assert len(shape.mean) == len(shape.std) == shape.channels, f"{cls.name}: mean/std per channel"
+    assert shape.num_classes >= 2 and all(s > 0 for s in shape.std)
+    assert set(cls.default_eps) >= {"linf", "l2"}, f"{cls.name}: default eps for linf and l2"
+
+
+def check_architecture(cls: type[Architecture]) -> None:
+    """Builds for grey 28x28 and colour 32x32 data and returns logits with gradients to the input."""
+    for shape in (DataShape(1, 28, 28, 10, (0.5,), (0.5,)), DataShape(3, 32, 32, 100, (0.5,) * 3, (0.5,) * 3)):
+        model = make_model(cls.create(), shape).eval()
+        x = torch.rand(2, shape.channels, shape.height, shape.width, requires_grad=True)
+        out = model(x)
+        assert out.shape == (2, shape.num_classes), f"{cls.name}: wrong logits shape for {shape}"
+        out.sum().backward()
+        assert x.grad is not None and float(x.grad.abs().sum()) > 0, f"{cls.name}: no gradient reaches the input"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TinyDataset(Dataset):
+    """Tiny synthetic dataset (brightest quadrant = label) for fast runner tests."""
+
+    name: ClassVar[str] = "tiny"
+    shape: ClassVar[DataShape] = TINY_SHAPE
+    default_eps: ClassVar[dict[Norm, float]] = {"linf": 0.3, "l2": 2.0}
+
+    def locate(self) -> str:
+        """Always available: generated in memory."""
+        return "generated in memory"
+
+    def load(self, split: Split) -> ImageData:
+        """256 training or 96 test images."""
+        return tiny_data(256, seed=1) if split == "train" else tiny_data(96, seed=2)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TinyArch(Architecture):
+    """Tiny conv net for fast runner tests."""
+
+    name: ClassVar[str] = "tinynet"
+
+    def build(self, shape: DataShape) -> nn.Module:
+        """A fresh tiny network (normalisation is added by robench)."""
+        return _tiny_net(shape)
+
+
+class TinyPlugin:
+    """Registers :class:`TinyDataset` and :class:`TinyArch`: ``pm.register(TinyPlugin(), name="tiny")``."""
+
+    @hookimpl
+    def robench_datasets(self) -> list[type[Dataset]]:
+        """The tiny dataset."""
+        return [TinyDataset]
+
+    @hookimpl
+    def robench_architectures(self) -> list[type[Architecture]]:
+        """The tiny architecture."""
+        return [TinyArch]
