@@ -18,7 +18,7 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.i
 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_runner.py tests/test_attacks.py 2>&1 | tail -5
 job=(robench run --defense baseline --defense advt --attack pgd)
 for device in cuda cpu; do
-  start=$(date +%s.%N)
+  start=$SECONDS
   "${job[@]}" --device "$device" --out "$OUT/$device-run" --cache-dir "/tmp/robench-cache-$device" 2>"$OUT/$device.log"
-  echo "$device wall seconds: $(echo "$(date +%s.%N) - $start" | bc)"
+  echo "$device wall seconds: $((SECONDS - start))"
 done
