@@ -14,6 +14,7 @@ from robench.attack import Attack
 from robench.context import Context, DataShape, ImageData, Threat
 from robench.dataset import Dataset
 from robench.defense import Defense, Variant
+from robench.protocol import AttackUse, Protocol, ProtocolDef, Surrogate
 
 try:
     __version__ = importlib.metadata.version("robench")
@@ -26,11 +27,15 @@ hookimpl = pluggy.HookimplMarker("robench")
 __all__ = [
     "Architecture",
     "Attack",
+    "AttackUse",
     "Context",
     "DataShape",
     "Dataset",
     "Defense",
     "ImageData",
+    "Protocol",
+    "ProtocolDef",
+    "Surrogate",
     "Threat",
     "Variant",
     "__version__",

@@ -79,9 +79,23 @@ def _benchmark_options(func: F) -> F:
             "--attack",
             "attacks",
             multiple=True,
-            default=("pgd",),
-            show_default=True,
-            help="Attack plugin (repeatable); its restarts are versions of one all-or-nothing protocol.",
+            help="Attack plugin (repeatable); its restarts are the versions of a one-attack all-or-nothing "
+            "protocol. Default: pgd, unless --protocol is given.",
+        ),
+        click.option(
+            "--protocol",
+            "protocols",
+            multiple=True,
+            help="Named protocol (repeatable), e.g. whitebox-pgd, blackbox-dverge, advft-pgd, autoattack, "
+            "eot-pgd, square. `robench list protocols` describes them.",
+        ),
+        click.option(
+            "-P",
+            "--protocol-param",
+            "protocol_params",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Protocol parameter, e.g. -P steps=20, or -P blackbox-dverge.groups=[1,2] (repeatable).",
         ),
         click.option(
             "-D",
@@ -160,16 +174,19 @@ def _benchmark_options(func: F) -> F:
 
 
 def _benchmark(opts: dict[str, Any], exhaustive: bool = False) -> Benchmark:
-    dparams, aparams = _kv(opts["defense_params"]), _kv(opts["attack_params"])
-    name = "-".join([*opts["defenses"], *opts["attacks"], *opts["datasets"]])
+    dparams, aparams, pparams = _kv(opts["defense_params"]), _kv(opts["attack_params"]), _kv(opts["protocol_params"])
+    attacks = opts["attacks"] or (() if opts["protocols"] else ("pgd",))
+    name = "-".join([*opts["defenses"], *attacks, *opts["protocols"], *opts["datasets"]])
     _check_scopes(dparams, opts["defenses"], "-D")
-    _check_scopes(aparams, opts["attacks"], "-A")
+    _check_scopes(aparams, attacks, "-A")
+    _check_scopes(pparams, opts["protocols"], "-P")
     return Benchmark(
         name=re.sub(r"[^A-Za-z0-9_.-]+", "_", name),
         datasets=tuple(opts["datasets"]),
         archs=tuple(opts["archs"]),
         defenses=tuple(PluginSpec.of(d, _scoped(dparams, d)) for d in opts["defenses"]),
-        attacks=tuple(PluginSpec.of(a, _scoped(aparams, a)) for a in opts["attacks"]),
+        attacks=tuple(PluginSpec.of(a, _scoped(aparams, a)) for a in attacks),
+        protocols=tuple(PluginSpec.of(p, _scoped(pparams, p)) for p in opts["protocols"]),
         norm=opts["norm"],
         eps=tuple(opts["eps"]),
         seeds=tuple(opts["seeds"]),
@@ -277,11 +294,13 @@ def plan_cmd(**opts: Any) -> None:
 
 
 @cli.command(name="list")
-@click.argument("kind", required=False, type=click.Choice(["defenses", "attacks", "datasets", "architectures"]))
+@click.argument(
+    "kind", required=False, type=click.Choice(["defenses", "attacks", "protocols", "datasets", "architectures"])
+)
 def list_cmd(kind: str | None) -> None:
-    """List defenses, attacks, datasets and architectures with the plugin providing each."""
+    """List defenses, attacks, protocols, datasets and architectures with the plugin providing each."""
     registries = _registries()
-    for name in [kind] if kind else ["defenses", "attacks", "datasets", "architectures"]:
+    for name in [kind] if kind else ["defenses", "attacks", "protocols", "datasets", "architectures"]:
         click.echo(f"{name}:")
         for entry_name, entry in getattr(registries, name):
             provider = f"{entry.plugin.display_name} {entry.plugin.version}"
@@ -319,14 +338,14 @@ def format_table(table: pd.DataFrame) -> str:
     """The human-readable results table: key columns and accuracies in percent."""
     if table.empty:
         return "(no cells)"
-    t = table.sort_values(["dataset", "arch", "defense", "variant", "attack", "eps", "seed"])
+    t = table.sort_values(["dataset", "arch", "defense", "variant", "protocol", "eps", "seed"])
     view = pd.DataFrame(
         {
             "dataset": t["dataset"],
             "arch": t["arch"],
             "defense": t["defense"],
             "variant": t["variant"],
-            "attack": t["attack"],
+            "protocol": t["protocol"],
             "norm": t["norm"],
             "eps": t["eps"].map("{:g}".format),
             "seed": t["seed"],

@@ -10,10 +10,13 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from robench.context import NORMS, Norm
 from robench.errors import ConfigError
+
+if TYPE_CHECKING:
+    from robench.protocol import Protocol
 
 PRESETS = ("smoke", "paper")
 
@@ -53,6 +56,8 @@ class Benchmark:
     archs: tuple[str, ...] = ("cnn8",)
     defenses: tuple[PluginSpec, ...] = ()
     attacks: tuple[PluginSpec, ...] = ()
+    protocols: tuple[PluginSpec, ...] = ()
+    inline_protocols: tuple[Protocol, ...] = ()
     norm: Norm = "linf"
     eps: tuple[float, ...] = ()
     seeds: tuple[int, ...] = (0,)
@@ -68,8 +73,8 @@ class Benchmark:
             raise ConfigError(f"unknown preset {self.preset!r}; use one of {', '.join(PRESETS)}")
         if self.norm not in NORMS:
             raise ConfigError(f"unknown norm {self.norm!r}; use one of {', '.join(NORMS)}")
-        if not self.defenses or not self.attacks:
-            raise ConfigError("a benchmark needs at least one defense and one attack")
+        if not self.defenses or not (self.attacks or self.protocols or self.inline_protocols):
+            raise ConfigError("a benchmark needs at least one defense and one attack or protocol")
         if self.n_samples < 1 or self.batch_size < 1:
             raise ConfigError("n_samples and batch_size must be >= 1")
         if not self.seeds:

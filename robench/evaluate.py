@@ -1,27 +1,33 @@
-"""Evaluate one cell: clean predictions, attack versions with early exit, outcomes.
+"""Evaluate one cell: clean predictions, every version with early exit, outcomes.
 
 Exactness of early exit: a sample is robust only if it is correct on the clean input and
 under every version, so once a version fooled it (or it was wrong to begin with) further
 versions cannot change its verdict; they are skipped. Each sample's random start comes from
-a key derived from (attack, threat, seed, version, sample index), never from its batch, so
+a key derived from (protocol, threat, seed, version, sample index), never from its batch, so
 neither early exit nor batch size changes any verdict (tests prove both).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robench.attack import Attack, derive_key, sample_keys
+from robench.attack import derive_key, sample_keys
 from robench.context import ImageData, Progress, Threat
 from robench.defense import Variant
 from robench.errors import RobenchError
 from robench.metrics import all_or_nothing
+from robench.versions import ExpectationModel, Version
 
 _TOLERANCE = 1e-5  # float slack when checking the eps-ball
+
+# version -> adversarial inputs for every sample of the evaluation subset (transfer versions)
+TransferSource = Callable[[Version], Tensor]
 
 
 class ThreatViolation(RobenchError):
@@ -38,13 +44,22 @@ class Outcome:
     robust: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
     forwards: int = 0
     seconds: float = 0.0
+    clean_loss: float = 0.0
+    adv_loss: float = 0.0
 
 
-def predict(model: nn.Module, x: Tensor) -> Tensor:
-    """Predicted labels, without autograd bookkeeping."""
-    with torch.inference_mode():
-        labels: Tensor = model(x).argmax(dim=1)
-    return labels
+@dataclass(frozen=True)
+class Judge:
+    """Turns predictions into verdicts: one draw, or a majority of ``votes`` for random models."""
+
+    model: nn.Module
+    votes: int = 1
+
+    def correct(self, x: Tensor, y: Tensor) -> Tensor:
+        """True where the (majority) prediction is ``y``."""
+        with torch.inference_mode():
+            hits = torch.stack([self.model(x).argmax(dim=1) == y for _ in range(self.votes)])
+        return hits.float().mean(dim=0) > 0.5
 
 
 def check_threat(x_adv: Tensor, x: Tensor, threat: Threat, attack: str) -> None:
@@ -52,54 +67,56 @@ def check_threat(x_adv: Tensor, x: Tensor, threat: Threat, attack: str) -> None:
     delta = (x_adv - x).flatten(1)
     size = delta.abs().amax(dim=1) if threat.norm == "linf" else delta.norm(p=2, dim=1)
     worst = float(size.max()) if len(size) else 0.0
-    if worst > threat.eps + _TOLERANCE or float(x_adv.min()) < -_TOLERANCE or float(x_adv.max()) > 1 + _TOLERANCE:
+    outside = float(x_adv.min()) < -_TOLERANCE or float(x_adv.max()) > 1 + _TOLERANCE
+    if worst > threat.eps + _TOLERANCE or outside:
         raise ThreatViolation(
             f"attack {attack} returned inputs outside {threat.norm} eps={threat.eps:g} "
             f"or [0, 1] (largest perturbation {worst:.6g}); this is a bug in the attack"
         )
 
 
+@dataclass(frozen=True)
+class Setup:
+    """How to run a cell's versions."""
+
+    key: str  # names the protocol, threat and seed in every random-start key
+    batch_size: int
+    device: torch.device
+    exhaustive: bool
+    votes: int = 1  # used for randomized variants only
+    eot: int = 0  # expectation draws for randomized variants (0 = attack one draw)
+
+
 def evaluate(
     variant: Variant,
-    attack: Attack,
+    versions: list[Version],
     threat: Threat,
     data: ImageData,
     indices: Tensor,
     *,
-    key: str,
-    batch_size: int,
-    device: torch.device,
-    exhaustive: bool,
+    setup: Setup,
+    transfer: TransferSource,
     progress: Progress,
 ) -> Outcome:
-    """Clean and all-or-nothing robust outcomes of ``variant`` on ``data[indices]``.
-
-    :param key: the part of every random-start key that names the protocol and threat
-    """
+    """Clean and all-or-nothing robust outcomes of ``variant`` on ``data[indices]``."""
     start = time.perf_counter()
-    model = variant.model.eval().to(device)
-    grad_model = variant.attack_model.eval().to(device)
-    labels = data.labels[indices]
-    outcome = Outcome(clean=_predict_all(model, data, indices, batch_size, device) == labels)
+    judge = Judge(variant.model.eval().to(setup.device), setup.votes if variant.randomized else 1)
+    grad_model = variant.attack_model.eval().to(setup.device)
+    if variant.randomized and setup.eot > 1:
+        grad_model = ExpectationModel(grad_model, setup.eot)
+    outcome = Outcome(clean=_correct_all(judge, data, indices, setup))
     robust = outcome.clean.clone()
     counter = _ForwardCounter(grad_model)
-    n_versions = attack.n_versions()
-    bar = progress.bar(n_versions, f"{attack.name} versions")
+    bar = progress.bar(len(versions), "versions")
     try:
-        for version in range(n_versions):
-            active = torch.ones_like(robust) if exhaustive else robust.clone()
-            correct = _run_version(
-                model,
-                grad_model,
-                attack,
-                threat,
-                data,
-                indices,
-                active,
-                base=derive_key(key, version),
-                batch_size=batch_size,
-                device=device,
-            )
+        for version in versions:
+            active = torch.ones_like(robust) if setup.exhaustive else robust.clone()
+            if version.use.source is None:
+                correct, losses = _whitebox(judge, grad_model, version, threat, data, indices, active, setup)
+                outcome.clean_loss += losses[0]
+                outcome.adv_loss += losses[1]
+            else:
+                correct = _transfer(judge, transfer(version), data, indices, active, setup)
             outcome.versions.append(correct)
             outcome.attacked.append(active)
             robust &= correct
@@ -115,35 +132,67 @@ def evaluate(
     return outcome
 
 
-def _predict_all(model: nn.Module, data: ImageData, indices: Tensor, batch_size: int, device: torch.device) -> Tensor:
-    preds = [predict(model, data.batch(chunk)[0].to(device)).cpu() for chunk in _chunks(indices, batch_size)]
-    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+def generate(
+    model: nn.Module, version: Version, threat: Threat, data: ImageData, indices: Tensor, setup: Setup
+) -> Tensor:
+    """Adversarial inputs of ``version`` against ``model`` for every sample (transfer sets)."""
+    out = []
+    for chunk in _chunks(torch.arange(len(indices)), setup.batch_size):
+        idx = indices[chunk]
+        x, y = (t.to(setup.device) for t in data.batch(idx))
+        keys = sample_keys(derive_key(setup.key, version.key()), idx)
+        x_adv = version.attack.perturb(model, x, y, threat, keys).detach()
+        check_threat(x_adv, x, threat, version.label)
+        out.append(x_adv.cpu())
+    return torch.cat(out)
 
 
-def _run_version(
-    model: nn.Module,
+def _whitebox(
+    judge: Judge,
     grad_model: nn.Module,
-    attack: Attack,
+    version: Version,
     threat: Threat,
     data: ImageData,
     indices: Tensor,
     active: Tensor,
-    *,
-    base: int,
-    batch_size: int,
-    device: torch.device,
-) -> Tensor:
-    """Attack the active samples (survivors re-packed into full batches); True = not fooled."""
+    setup: Setup,
+) -> tuple[Tensor, tuple[float, float]]:
+    """Attack the active samples (survivors re-packed into full batches); True = not fooled.
+
+    Also returns the summed cross-entropy on the clean and the adversarial inputs, for the
+    "attack did not increase the loss" sanity flag.
+    """
     correct = torch.ones(len(indices), dtype=torch.bool)
-    positions = active.nonzero().squeeze(1)
-    for chunk in _chunks(positions, batch_size):
+    clean_loss = adv_loss = 0.0
+    base = derive_key(setup.key, version.key())
+    for chunk in _chunks(active.nonzero().squeeze(1), setup.batch_size):
         idx = indices[chunk]
-        x, y = data.batch(idx)
-        x, y = x.to(device), y.to(device)
-        x_adv = attack.perturb(grad_model, x, y, threat, sample_keys(base, idx)).detach()
-        check_threat(x_adv, x, threat, attack.name)
-        correct[chunk] = (predict(model, x_adv) == y).cpu()
+        x, y = (t.to(setup.device) for t in data.batch(idx))
+        x_adv = version.attack.perturb(grad_model, x, y, threat, sample_keys(base, idx)).detach()
+        check_threat(x_adv, x, threat, version.label)
+        correct[chunk] = judge.correct(x_adv, y).cpu()
+        with torch.inference_mode():
+            clean_loss += float(F.cross_entropy(judge.model(x), y, reduction="sum"))
+            adv_loss += float(F.cross_entropy(judge.model(x_adv), y, reduction="sum"))
+    return correct, (clean_loss, adv_loss)
+
+
+def _transfer(judge: Judge, x_adv: Tensor, data: ImageData, indices: Tensor, active: Tensor, setup: Setup) -> Tensor:
+    """Score the cached transfer examples of the active samples."""
+    correct = torch.ones(len(indices), dtype=torch.bool)
+    labels = data.labels[indices]
+    for chunk in _chunks(active.nonzero().squeeze(1), setup.batch_size):
+        x, y = x_adv[chunk].to(setup.device), labels[chunk].to(setup.device)
+        correct[chunk] = judge.correct(x, y).cpu()
     return correct
+
+
+def _correct_all(judge: Judge, data: ImageData, indices: Tensor, setup: Setup) -> Tensor:
+    parts = []
+    for chunk in _chunks(indices, setup.batch_size):
+        x, y = data.batch(chunk)
+        parts.append(judge.correct(x.to(setup.device), y.to(setup.device)).cpu())
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
 
 
 def _chunks(indices: Tensor, size: int) -> list[Tensor]:

@@ -17,6 +17,7 @@ from robench.config import Benchmark, PluginSpec
 from robench.context import Norm, Threat
 from robench.defense import Defense
 from robench.errors import ConfigError
+from robench.protocol import Protocol, single_attack
 from robench.registry import Registries
 
 
@@ -44,9 +45,7 @@ class Cell:
 
     model: ModelKey
     variant: str
-    attack: str
-    attack_params: str  # canonical JSON of the resolved attack parameters
-    attack_label: str
+    protocol: Protocol
     norm: Norm
     eps: float
     n_samples: int
@@ -57,7 +56,7 @@ class Cell:
         """Stable, readable id, e.g. ``fashion-mnist/cnn8/advt/model/pgd/linf/eps=0.1/seed=0``."""
         m = self.model
         return (
-            f"{m.dataset}/{m.arch}/{m.defense_label}/{self.variant}/{self.attack_label}/"
+            f"{m.dataset}/{m.arch}/{m.defense_label}/{self.variant}/{self.protocol.name}/"
             f"{self.norm}/eps={self.eps:g}/seed={m.seed}"
         )
 
@@ -67,8 +66,7 @@ class Cell:
         fields = [
             self.model.digest(),
             self.variant,
-            self.attack,
-            self.attack_params,
+            self.protocol.canonical(),
             self.norm,
             self.eps,
             self.n_samples,
@@ -100,30 +98,46 @@ def resolve_attack(registries: Registries, spec: PluginSpec, norm: Norm) -> Atta
     return cls.create(spec.param_dict())
 
 
+def resolve_protocols(benchmark: Benchmark, registries: Registries) -> list[Protocol]:
+    """Every protocol of the benchmark, with each attack it uses validated."""
+    protocols = [single_attack(spec) for spec in benchmark.attacks]
+    for spec in benchmark.protocols:
+        definition = registries.protocols.get(spec.name).create(spec.param_dict())
+        protocols.append(definition.build(benchmark.preset))
+    protocols += benchmark.inline_protocols
+    for protocol in protocols:
+        check_protocol(protocol, registries, benchmark)
+    return protocols
+
+
+def check_protocol(protocol: Protocol, registries: Registries, benchmark: Benchmark) -> None:
+    """Every attack exists, takes its parameters and supports the norm; every source is declared."""
+    names = {s.name for s in protocol.surrogates}
+    for use in protocol.uses:
+        resolve_attack(registries, use.attack, benchmark.norm)
+        if use.source is not None and use.source not in names:
+            raise ConfigError(f"protocol {protocol.name!r}: use {use.label()} names an undeclared surrogate")
+    for surrogate in protocol.surrogates:
+        if surrogate.arch is not None:
+            registries.architectures.get(surrogate.arch)
+        for dataset in benchmark.datasets:
+            resolve_defense(registries, surrogate.defense, benchmark.preset, dataset)
+
+
 def plan(benchmark: Benchmark, registries: Registries) -> list[Cell]:
     """Every cell of the benchmark, in execution order (grouped by model)."""
     for name in benchmark.archs:
         registries.architectures.get(name)
-    attacks = [(spec, resolve_attack(registries, spec, benchmark.norm)) for spec in benchmark.attacks]
+    protocols = resolve_protocols(benchmark, registries)
     cells = []
     for dataset in benchmark.datasets:
         eps_grid = _eps_grid(benchmark, registries, dataset)
         for arch, spec, seed in itertools.product(benchmark.archs, benchmark.defenses, benchmark.seeds):
             defense = resolve_defense(registries, spec, benchmark.preset, dataset)
             key = ModelKey(dataset, arch, spec.name, defense.canonical(), spec.label(), seed, benchmark.preset)
-            for variant, (aspec, attack), eps in itertools.product(defense.variant_names(), attacks, eps_grid):
+            for variant, protocol, eps in itertools.product(defense.variant_names(), protocols, eps_grid):
                 cells.append(
-                    Cell(
-                        key,
-                        variant,
-                        aspec.name,
-                        attack.canonical(),
-                        aspec.label(),
-                        benchmark.norm,
-                        eps,
-                        benchmark.n_samples,
-                        benchmark.sample_seed,
-                    )
+                    Cell(key, variant, protocol, benchmark.norm, eps, benchmark.n_samples, benchmark.sample_seed)
                 )
     _check_unique(cells)
     return cells

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from robench.dataset import Dataset
     from robench.defense import Defense
     from robench.grid import Cell
+    from robench.protocol import ProtocolDef
     from robench.storage import CellResult
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "robench_datasets",
     "robench_defenses",
     "robench_modify_plan",
+    "robench_protocols",
     "robench_session_finish",
 ]
 
@@ -96,6 +98,19 @@ def robench_architectures() -> Sequence[type[Architecture]]:
         @robench.hookimpl
         def robench_architectures():
             return [CNN8, ResNet20]
+    """
+    raise NotImplementedError  # a specification: plugins implement it
+
+
+@hookspec
+def robench_protocols() -> Sequence[type[ProtocolDef]]:
+    """Return the evaluation protocol classes this plugin provides (see :class:`robench.ProtocolDef`).
+
+    Example::
+
+        @robench.hookimpl
+        def robench_protocols():
+            return [WhiteboxPGD, BlackboxDverge]
     """
     raise NotImplementedError  # a specification: plugins implement it
 

@@ -18,6 +18,7 @@ from robench.dataset import Dataset
 from robench.defense import Defense
 from robench.errors import PluginConflictError, PluginValidationError, UnknownPluginError
 from robench.pluginmanager import PluginInfo, plugin_infos
+from robench.protocol import ProtocolDef
 
 T = TypeVar("T")
 
@@ -89,6 +90,7 @@ class Registries:
     defenses: Registry[Defense]
     datasets: Registry[Dataset]
     architectures: Registry[Architecture]
+    protocols: Registry[ProtocolDef]
 
     @classmethod
     def collect(cls, pm: pluggy.PluginManager) -> Registries:
@@ -98,6 +100,7 @@ class Registries:
             defenses=Registry.collect(pm, "robench_defenses", Defense, "defense"),
             datasets=Registry.collect(pm, "robench_datasets", Dataset, "dataset"),
             architectures=Registry.collect(pm, "robench_architectures", Architecture, "architecture"),
+            protocols=Registry.collect(pm, "robench_protocols", ProtocolDef, "protocol"),
         )
 
 

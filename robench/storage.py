@@ -39,8 +39,10 @@ _CELL_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("defense_params", pa.string(), "resolved defense parameters (preset + user), canonical JSON"),
     ("preset", pa.string(), "preset the defense parameters came from: smoke or paper"),
     ("variant", pa.string(), "which of the defense's models was evaluated"),
-    ("attack", pa.string(), "attack plugin name (the protocol)"),
-    ("attack_params", pa.string(), "resolved attack parameters, canonical JSON"),
+    ("protocol", pa.string(), "protocol name (an --attack NAME run is the one-attack protocol NAME)"),
+    ("protocol_spec", pa.string(), "the resolved protocol: uses, attack parameters, surrogates; canonical JSON"),
+    ("protocol_revision", pa.int32(), "revision of the protocol definition (bumped when numbers would move)"),
+    ("transfer", pa.bool_(), "true if any version attacks a surrogate (black-box transfer)"),
     ("norm", pa.string(), "threat norm: linf or l2"),
     ("eps", pa.float64(), "threat radius in [0, 1] pixel units"),
     ("seed", pa.int64(), "seed of the model build (training) and of the attack's random starts"),
@@ -55,6 +57,8 @@ _CELL_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("n_versions", pa.int64(), "number of attack versions (restarts) in the protocol"),
     ("exhaustive", pa.bool_(), "true if every version ran on every sample (no early exit)"),
     ("randomized", pa.bool_(), "true if the variant's prediction is random (random gates)"),
+    ("eot", pa.int32(), "randomized variants: softmax draws averaged for gradient attacks (EOT); else 0"),
+    ("votes", pa.int32(), "predictions per verdict: a majority of `votes` draws decides (1 if deterministic)"),
     ("params", pa.int64(), "number of model parameters"),
     ("nonzero_params", pa.int64(), "number of non-zero parameters"),
     ("bits", pa.int32(), "bits per stored weight"),
@@ -63,7 +67,14 @@ _CELL_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("latency_ms", pa.float64(), "median wall time of one single-image forward pass on `device`"),
     ("build_seconds", pa.float64(), "seconds spent training/compressing the model (0 when cached)"),
     ("attack_seconds", pa.float64(), "seconds spent evaluating the cell (attacks and scoring)"),
-    ("gradient_calls", pa.int64(), "sample-level forward+backward passes the attacks used"),
+    ("transfer_seconds", pa.float64(), "part of attack_seconds spent loading or generating transfer sets"),
+    ("gradient_calls", pa.int64(), "sample-level forward passes with gradients through the attacked model"),
+    ("transfer_sets", pa.string(), "JSON list of the cached transfer-set files this cell used"),
+    ("flag_loss_not_increasing", pa.bool_(), "sanity: white-box attacks left the mean loss below the clean loss"),
+    ("flag_eps_not_monotonic", pa.bool_(), "sanity: robust accuracy rises with eps (same model, protocol)"),
+    ("flag_whitebox_above_transfer", pa.bool_(), "sanity: white-box accuracy above transfer accuracy, same eps"),
+    ("flag_large_eps_survives", pa.bool_(), "sanity: linf eps >= 0.5 leaves robust accuracy above 20%"),
+    ("flag_randomized_without_eot", pa.bool_(), "sanity: a randomized variant attacked without EOT"),
     ("robench_version", pa.string(), "robench version"),
     ("plugins", pa.string(), "JSON of plugin -> distribution==version for every loaded plugin"),
     ("torch_version", pa.string(), "torch version"),
@@ -147,6 +158,13 @@ class RunStore:
         """Write ``manifest.json`` atomically."""
         data = json.dumps({"schema_version": SCHEMA_VERSION, **manifest}, indent=2, sort_keys=True, default=str)
         _atomic_bytes(data.encode(), self.path / "manifest.json")
+
+    def rewrite_cells(self, table: pd.DataFrame) -> None:
+        """Store updated rows (e.g. sanity flags) of finished cells, each atomically."""
+        for row in table.to_dict("records"):
+            data = {name: [row.get(name)] for name in CELL_SCHEMA.names}
+            target = self.path / "cells" / f"{row['cell_key']}.parquet"
+            _atomic_parquet(pa.Table.from_pydict(data, schema=CELL_SCHEMA), target)
 
     def read_manifest(self) -> dict[str, Any]:
         """The run's manifest."""

@@ -21,6 +21,7 @@ VERSION = robench.__version__
 BUILTIN_ENTRIES = {
     "defenses": {"baseline": "standard", "advt": "standard"},
     "attacks": {"pgd": "pgd", "fgsm": "pgd"},
+    "protocols": {"whitebox-pgd": "protocols", "blackbox-dverge": "protocols", "advft-pgd": "protocols"},
     "datasets": {"fashion-mnist": "fashion_mnist", "cifar10": "cifar", "cifar100": "cifar"},
     "architectures": {
         "cnn8": "architectures",
@@ -34,6 +35,7 @@ BUILTIN_HOOKS = {
     "cifar": ["robench_datasets"],
     "fashion_mnist": ["robench_datasets"],
     "pgd": ["robench_attacks"],
+    "protocols": ["robench_protocols"],
     "standard": ["robench_defenses"],
 }
 
@@ -74,7 +76,7 @@ def world(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[pluggy.PluginMa
 
 def test_list_shows_every_builtin_with_provider_and_description() -> None:
     listed = sections(invoke("list").output)
-    assert list(listed) == ["defenses", "attacks", "datasets", "architectures"]
+    assert list(listed) == ["defenses", "attacks", "protocols", "datasets", "architectures"]
     for kind, entries in BUILTIN_ENTRIES.items():
         lines = {line.split()[0]: line for line in listed[kind]}
         assert set(entries) <= set(lines), f"{kind}: {sorted(lines)}"
@@ -94,7 +96,8 @@ def test_list_descriptions_are_the_docstring_summaries() -> None:
 def test_list_one_kind_shows_only_that_kind() -> None:
     listed = sections(invoke("list", "attacks").output)
     assert list(listed) == ["attacks"]
-    assert {line.split()[0] for line in listed["attacks"]} == set(BUILTIN_ENTRIES["attacks"])
+    assert {line.split()[0] for line in listed["attacks"]} >= set(BUILTIN_ENTRIES["attacks"])
+    assert not set(listed) - {"attacks"}
 
 
 def test_list_rejects_an_unknown_kind() -> None:

@@ -45,6 +45,7 @@ def test_hook_list_is_what_the_plugin_manager_sees(pm: pluggy.PluginManager) -> 
         "robench_commands",
         "robench_datasets",
         "robench_defenses",
+        "robench_protocols",
     ]
 
 
