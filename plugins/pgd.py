@@ -41,25 +41,46 @@ class KeyedPGD(Attack):  # type: ignore[misc]
         steps: int,
         start: Tensor | None,
         loss: LossFn,
+        stop_on_success: bool = False,
     ) -> None:
         super().__init__("KeyedPGD", model)
         self.norm, self.eps, self.alpha, self.steps = norm, eps, alpha, steps
-        self.start, self.loss = start, loss
+        self.start, self.loss, self.stop_on_success = start, loss, stop_on_success
         self.supported_mode = ["default"]
 
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
-        """Run the iteration; returns adversarial images in the eps-ball and in [0, 1]."""
+        """Run the iteration; returns adversarial images in the eps-ball and in [0, 1].
+
+        With ``stop_on_success`` a sample is frozen at its first iterate the model
+        misclassifies (it is adversarial, so further steps are wasted work) and later steps
+        run only on the samples still classified correctly.
+        """
         images = images.clone().detach().to(self.device)
         labels = labels.clone().detach().to(self.device)
         adv = images.clone()
         if self.start is not None:
             adv = self._project(images, adv + self.start.to(adv.device))
+        if not self.stop_on_success:
+            for _ in range(self.steps):
+                adv = self._step(images, adv, labels)[0]
+            return adv
+        live = torch.arange(len(adv), device=adv.device)
         for _ in range(self.steps):
-            adv.requires_grad_(True)
-            cost = self.loss(self.get_logits(adv), labels).sum()
-            grad = torch.autograd.grad(cost, adv)[0]
-            adv = self._project(images, adv.detach() + self.alpha * _direction(grad, self.norm))
-        return adv.detach()
+            stepped, fooled = self._step(images[live], adv[live], labels[live])
+            keep = ~fooled
+            adv[live[keep]] = stepped[keep]
+            live = live[keep]
+            if len(live) == 0:
+                break
+        return adv
+
+    def _step(self, images: Tensor, adv: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """One step; also which inputs the model already misclassified before it."""
+        adv = adv.detach().requires_grad_(True)
+        logits = self.get_logits(adv)
+        grad = torch.autograd.grad(self.loss(logits, labels).sum(), adv)[0]
+        stepped = self._project(images, adv.detach() + self.alpha * _direction(grad, self.norm))
+        return stepped, logits.detach().argmax(dim=1) != labels
 
     def _project(self, images: Tensor, adv: Tensor) -> Tensor:
         delta = adv - images
@@ -102,6 +123,9 @@ class PGD(robench.Attack):
         random_start: start each restart at a random point of the eps-ball.
         loss: ``ce`` (cross-entropy) or ``cw`` (CW margin).
         confidence: the CW margin's confidence.
+        stop_on_success: freeze a sample at its first iterate the model misclassifies,
+            as AutoAttack keeps the first adversarial point found (default). Off, every
+            sample runs all steps and only the last iterate counts, as in torchattacks.
     """
 
     name: ClassVar[str] = "pgd"
@@ -112,6 +136,7 @@ class PGD(robench.Attack):
     random_start: bool = True
     loss: LossName = "ce"
     confidence: float = 0.1
+    stop_on_success: bool = True
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.restarts < 1 or self.step_size <= 0:
@@ -132,6 +157,7 @@ class PGD(robench.Attack):
             steps=self.steps,
             start=start,
             loss=get_loss(self.loss, self.confidence),
+            stop_on_success=self.stop_on_success,
         )
         out: Tensor = attack(x, y)
         return out

@@ -21,7 +21,7 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
 def test_pgd_without_random_start_equals_torchattacks(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
     x, y = batch
     model = tiny_model()
-    ours = PGD(steps=7, step_size=0.25, random_start=False).perturb(
+    ours = PGD(steps=7, step_size=0.25, random_start=False, stop_on_success=False).perturb(
         model, x, y, Threat("linf", 0.1), sample_keys(0, torch.arange(32))
     )
     theirs = torchattacks.PGD(model, eps=0.1, alpha=0.025, steps=7, random_start=False)(x, y)
@@ -31,7 +31,7 @@ def test_pgd_without_random_start_equals_torchattacks(batch: tuple[torch.Tensor,
 def test_pgd_l2_without_random_start_equals_torchattacks(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
     x, y = batch
     model = tiny_model()
-    ours = PGD(steps=5, step_size=0.2, random_start=False).perturb(
+    ours = PGD(steps=5, step_size=0.2, random_start=False, stop_on_success=False).perturb(
         model, x, y, Threat("l2", 1.0), sample_keys(0, torch.arange(32))
     )
     theirs = torchattacks.PGDL2(model, eps=1.0, alpha=0.2, steps=5, random_start=False)(x, y)
@@ -78,11 +78,13 @@ def test_pgd_increases_the_loss_and_beats_fgsm() -> None:
     def loss(xs: torch.Tensor) -> float:
         return torch.nn.functional.cross_entropy(model(xs), y).item()
 
-    pgd = PGD(steps=20).perturb(model, x, y, threat, keys)
+    pgd = PGD(steps=20, stop_on_success=False).perturb(model, x, y, threat, keys)  # loss of the last iterate
+    pgd_early = PGD(steps=20).perturb(model, x, y, threat, keys)
     fgsm = FGSM().perturb(model, x, y, threat, keys)
     assert acc(x) > 0.8
     assert loss(pgd) > loss(fgsm) > loss(x)
     assert acc(pgd) <= acc(fgsm) and acc(pgd) < acc(x) - 0.3
+    assert acc(pgd_early) <= acc(pgd)
 
 
 def test_cw_margin_matches_definition() -> None:
@@ -109,3 +111,29 @@ def test_bad_parameters_are_rejected_before_compute() -> None:
         PGD.create({"steps": 0})
     with pytest.raises(ConfigError, match="'ce' \\| 'cw'"):
         PGD.create({"loss": "hinge"})
+
+
+def test_stop_on_success_freezes_samples_at_their_first_adversarial_iterate() -> None:
+    data = tiny_data(64)
+    x, y = data.batch(torch.arange(64))
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(60):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model.train()(x), y).backward()
+        opt.step()
+    model.eval()
+    threat, keys = Threat("linf", 0.25), sample_keys(5, torch.arange(64))
+    calls: list[int] = []
+    model.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])) if torch.is_grad_enabled() else None)
+    early = PGD(steps=20, restarts=1).perturb(model, x, y, threat, keys)
+    work_early, calls[:] = sum(calls), []
+    full = PGD(steps=20, restarts=1, stop_on_success=False).perturb(model, x, y, threat, keys)
+    work_full = sum(calls)
+    with torch.no_grad():
+        fooled_early = model(early).argmax(1) != y
+        fooled_full = model(full).argmax(1) != y
+    assert fooled_early.sum() >= fooled_full.sum() > 0  # any fooling iterate counts: never weaker
+    assert work_early < work_full  # fooled samples stopped costing gradient passes
+    untouched = ~fooled_early  # samples never fooled followed exactly the same trajectory
+    assert torch.equal(early[untouched], full[untouched])
