@@ -206,7 +206,7 @@ def _correct_all(judge: Judge, data: ImageData, indices: Tensor, setup: Setup) -
 
 def _placed(model: nn.Module, setup: Setup) -> nn.Module:
     model = model.eval().to(setup.device)
-    return model.to(memory_format=torch.channels_last) if setup.channels_last else model  # type: ignore[call-overload]
+    return model.to(memory_format=torch.channels_last) if setup.channels_last else model
 
 
 def _chunks(indices: Tensor, size: int) -> list[Tensor]:
