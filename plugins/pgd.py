@@ -79,7 +79,7 @@ class KeyedPGD(Attack):  # type: ignore[misc]
         adv = adv.detach().requires_grad_(True)
         logits = self.get_logits(adv)
         grad = torch.autograd.grad(self.loss(logits, labels).sum(), adv)[0]
-        stepped = self._project(images, adv.detach() + self.alpha * _direction(grad, self.norm))
+        stepped = self._project(images, adv.detach() + self.alpha * step_direction(grad, self.norm))
         return stepped, logits.detach().argmax(dim=1) != labels
 
     def _project(self, images: Tensor, adv: Tensor) -> Tensor:
@@ -92,7 +92,8 @@ class KeyedPGD(Attack):  # type: ignore[misc]
         return torch.clamp(images + delta, 0, 1)
 
 
-def _direction(grad: Tensor, norm: Norm) -> Tensor:
+def step_direction(grad: Tensor, norm: Norm) -> Tensor:
+    """The step direction: the gradient's sign (Linf) or the unit gradient (L2)."""
     if norm == "linf":
         return grad.sign()
     norms = grad.flatten(1).norm(p=2, dim=1).view(-1, 1, 1, 1) + _TINY

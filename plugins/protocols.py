@@ -30,7 +30,9 @@ class WhiteboxPGD(ProtocolDef):
 
     def build(self, preset: str) -> Protocol:
         """The same protocol for every preset: it is cheap enough for CPUs."""
-        pgd = PluginSpec.of("pgd", {"steps": self.steps, "step_size": 0.2, "restarts": self.restarts, "loss": self.loss})
+        pgd = PluginSpec.of(
+            "pgd", {"steps": self.steps, "step_size": 0.2, "restarts": self.restarts, "loss": self.loss}
+        )
         return Protocol(name=self.name, uses=(AttackUse(pgd),), revision=self.revision)
 
 
@@ -72,7 +74,7 @@ class BlackboxDverge(ProtocolDef):
                 common = {"steps": steps, "step_size": 0.2, "loss": loss}
                 uses += [
                     AttackUse(PluginSpec.of("mifgsm", {**common, "restarts": 3}), name),
-                    AttackUse(PluginSpec.of("mdi2fgsm", {**common, "p": 0.5}), name),
+                    AttackUse(PluginSpec.of("mdi2fgsm", {**common, "prob": 0.5}), name),
                     AttackUse(PluginSpec.of("sgm", {**common, "gamma": 0.2}), name),
                 ]
         return Protocol(name=self.name, uses=tuple(uses), surrogates=tuple(surrogates), revision=self.revision)
@@ -109,7 +111,9 @@ class EOTPGDProtocol(ProtocolDef):
     def build(self, preset: str) -> Protocol:
         """One EOT-PGD use with its restarts."""
         attack = PluginSpec.of("eot-pgd", {"steps": 50, "step_size": 0.2, "restarts": 5, "eot_iter": self.eot_iter})
-        return Protocol(name=self.name, uses=(AttackUse(attack),), revision=self.revision)
+        # eot=1: the attack averages gradients itself; the runner's expectation model would
+        # multiply the draws
+        return Protocol(name=self.name, uses=(AttackUse(attack),), revision=self.revision, eot=1)
 
 
 @dataclass(frozen=True, kw_only=True)

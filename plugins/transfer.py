@@ -1,18 +1,14 @@
 """DVERGE's transfer attacks (METHODS.md §1.2): momentum PGD, M-DI2-FGSM and SGM.
 
-torchattacks has MI-FGSM and DI2-FGSM, but draws their random starts and input-diversity
-transforms for a whole batch from the global generator, so a sample's result would depend
-on its batch (DESIGN.md §5), and it has no SGM. What is written here is what it lacks:
-
-* :class:`KeyedIterative`, plugins/pgd.py's :class:`~robench.plugins.pgd.KeyedPGD` loop
-  extended with MI-FGSM momentum, a per-iteration input transform and EOT gradient
-  averaging (EOT-PGD in plugins/zoo.py reuses it);
-* :class:`InputDiversity`, Xie et al.'s resize-and-pad drawn per sample and per iteration
-  from the runner's keys, batched and differentiable through ``grid_sample``;
-* :func:`skip_gradients`, SGM's backward hooks on the residual branches.
-
-The step, projection and clipping are torchattacks' MIFGSM; a test checks the two agree
-exactly without random start.
+torchattacks' MI-FGSM and DI2-FGSM draw random starts and transforms per batch from the
+global generator, so a sample's result would depend on its batch (DESIGN.md §5), and it
+has no SGM. Written here is what it lacks: :class:`KeyedIterative` (plugins/pgd.py's
+KeyedPGD loop plus MI-FGSM momentum, a per-iteration input transform and EOT averaging,
+which plugins/zoo.py's EOT-PGD reuses), :class:`InputDiversity` (Xie et al.'s
+resize-and-pad, keyed per sample and iteration, batched through ``grid_sample``) and
+:func:`skip_gradients` (SGM's backward hooks). Step, projection and clipping are
+torchattacks' MIFGSM; a test checks they agree exactly. These attacks run every step on
+the surrogate (no ``stop_on_success``): a higher surrogate loss transfers better.
 """
 
 from __future__ import annotations
@@ -30,10 +26,11 @@ import robench
 from robench.attack import sample_uniform
 from robench.context import Norm
 from robench.losses import LossFn, LossName, get_loss
-from robench.plugins.pgd import KeyedPGD, _direction, random_start
+from robench.plugins.pgd import KeyedPGD, random_start, step_direction
 
-Transform = Callable[[Tensor, int], Tensor]
-"""An input transform applied before the forward pass of iteration ``step``: ``(x, step) -> x'``."""
+Transform = Callable[[Tensor, int, Tensor], Tensor]
+"""An input transform applied before the forward pass: ``(x, step, index) -> x'``, where
+``index`` gives the positions in the batch of the samples in ``x``."""
 Grads = tuple[Tensor | None, ...]
 BackwardHook = Callable[[nn.Module, Grads, Grads], Grads]
 
@@ -57,7 +54,8 @@ def momentum_step(grad: Tensor, momentum: Tensor, decay: float) -> Tensor:
 class KeyedIterative(KeyedPGD):
     """:class:`KeyedPGD` with optional momentum, input transform and EOT gradient averaging.
 
-    With ``decay=None``, no transform and ``eot_iter=1`` it is exactly :class:`KeyedPGD`.
+    With ``decay=None``, no transform and ``eot_iter=1`` it is exactly :class:`KeyedPGD`,
+    ``stop_on_success`` included.
     """
 
     def __init__(
@@ -70,11 +68,14 @@ class KeyedIterative(KeyedPGD):
         steps: int,
         start: Tensor | None,
         loss: LossFn,
+        stop_on_success: bool = False,
         decay: float | None = None,
         transform: Transform | None = None,
         eot_iter: int = 1,
     ) -> None:
-        super().__init__(model, norm=norm, eps=eps, alpha=alpha, steps=steps, start=start, loss=loss)
+        super().__init__(
+            model, norm=norm, eps=eps, alpha=alpha, steps=steps, start=start, loss=loss, stop_on_success=stop_on_success
+        )
         self.decay, self.transform, self.eot_iter = decay, transform, eot_iter
 
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
@@ -85,27 +86,37 @@ class KeyedIterative(KeyedPGD):
         if self.start is not None:
             adv = self._project(images, adv + self.start.to(adv.device))
         momentum = torch.zeros_like(images)
+        live = torch.arange(len(adv), device=adv.device)  # samples still iterated
         for step in range(self.steps):
-            grad = self.gradient(adv, labels, step)
+            grad, fooled = self.gradient(adv[live], labels[live], step, live)
+            if self.stop_on_success:  # freeze samples whose current iterate is adversarial
+                live, grad = live[~fooled], grad[~fooled]
+                if len(live) == 0:
+                    break
             if self.decay is not None:
-                grad = momentum = momentum_step(grad, momentum, self.decay)
-            adv = self._project(images, adv + self.alpha * _direction(grad, self.norm))
-        return adv.detach()
+                grad = momentum[live] = momentum_step(grad, momentum[live], self.decay)
+            adv[live] = self._project(images[live], adv[live] + self.alpha * step_direction(grad, self.norm))
+        return adv
 
-    def gradient(self, adv: Tensor, labels: Tensor, step: int) -> Tensor:
-        """Sum over ``eot_iter`` forward/backward passes of the per-sample loss gradient.
+    def gradient(self, adv: Tensor, labels: Tensor, step: int, index: Tensor) -> tuple[Tensor, Tensor]:
+        """The loss gradient summed over ``eot_iter`` passes, and which inputs are misclassified.
 
         A sum, not a mean: the step direction (sign, or L2-normalised) ignores the factor.
         Each pass is a separate graph, so memory does not grow with ``eot_iter``, and a
-        randomized model draws its randomness afresh in every forward call.
+        randomized model draws its randomness afresh in every forward call. Several draws
+        predict by their mean probability, as robench's ExpectationModel does.
+
+        :param index: the samples' positions in the batch, for per-sample transforms
         """
         adv = adv.detach().requires_grad_(True)
         grad = torch.zeros_like(adv)
+        scores = []
         for _ in range(self.eot_iter):
-            inputs = adv if self.transform is None else self.transform(adv, step)
-            cost = self.loss(self.get_logits(inputs), labels).sum()
-            grad += torch.autograd.grad(cost, adv)[0]
-        return grad
+            inputs = adv if self.transform is None else self.transform(adv, step, index)
+            logits = self.get_logits(inputs)
+            grad += torch.autograd.grad(self.loss(logits, labels).sum(), adv)[0]
+            scores.append(logits.detach() if self.eot_iter == 1 else logits.detach().softmax(dim=1))
+        return grad, torch.stack(scores).mean(dim=0).argmax(dim=1) != labels
 
 
 # -- Input diversity (M-DI2-FGSM) ----------------------------------------------------
@@ -158,12 +169,12 @@ class InputDiversity:
         corner = torch.minimum(torch.floor(u[..., 2:4] * (room + 1)), room)  # 0..room, inclusive
         return cls(apply=(u[..., 0] < prob).to(x.device), scale=(rnd / canvas).to(x), offset=(corner / canvas).to(x))
 
-    def __call__(self, x: Tensor, step: int) -> Tensor:
-        """``x`` with this iteration's transform applied to the samples drawn for it."""
-        apply = self.apply[:, step]
+    def __call__(self, x: Tensor, step: int, index: Tensor) -> Tensor:
+        """``x`` (the samples at ``index``) with iteration ``step``'s transform where drawn."""
+        apply = self.apply[index, step]
         if not bool(apply.any()):
             return x
-        out = resize_pad(x, self.scale[:, step], self.offset[:, step])
+        out = resize_pad(x, self.scale[index, step], self.offset[index, step])
         return torch.where(apply.view(-1, *([1] * (x.ndim - 1))), out, x)
 
 
@@ -183,9 +194,8 @@ def skip_gradients(model: nn.Module, gamma: float) -> Iterator[None]:
     branch it crosses, favouring the skip connections (Wu et al. 2020). Only the branch is
     scaled, never the post-addition ReLU: that ReLU lies on every path, so scaling it would
     multiply the whole gradient by one positive constant, which a sign step (or an
-    L2-normalised step) ignores. torchvision's BasicBlock reuses one ReLU module after
-    conv1 and after the addition, which is why SGM's reference code, hooking every ReLU,
-    still scales the residual branch relative to the shortcut by exactly gamma.
+    L2-normalised step) ignores. (SGM's reference code hooks every ReLU, but torchvision's
+    BasicBlock uses one ReLU module twice, so the branch/shortcut ratio is gamma there too.)
 
     :raises ValueError: when ``model`` has no residual blocks
     """
@@ -194,7 +204,7 @@ def skip_gradients(model: nn.Module, gamma: float) -> Iterator[None]:
         raise ValueError(
             f"sgm needs a residual network (e.g. resnet20, resnet18): {type(model).__name__} has no residual blocks"
         )
-    handles = [block.residual.register_full_backward_hook(_scaled_by(gamma)) for block in blocks]
+    handles = [block.get_submodule("residual").register_full_backward_hook(_scaled_by(gamma)) for block in blocks]
     try:
         yield
     finally:
@@ -221,9 +231,8 @@ class MIFGSM(robench.Attack):
     Distance measure: Linf.
     Each step adds ``step_size * eps * sign(g)``, where ``g`` accumulates the per-sample
     L1-normalised gradient with decay ``decay``. Equals ``torchattacks.MIFGSM`` without
-    random start and with cross-entropy. DVERGE's 3 "random starts" (METHODS.md §1.2) are
-    3 versions with a uniform start in the eps-ball, which torchattacks' and advertorch's
-    MI-FGSM lack.
+    random start, with cross-entropy. DVERGE's 3 "random starts" (METHODS.md §1.2) are 3
+    versions from uniform starts, which torchattacks' and advertorch's MI-FGSM lack.
 
     Args:
         steps: number of gradient steps.

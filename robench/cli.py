@@ -13,8 +13,10 @@ from typing import Any, TypeVar
 
 import click
 import pandas as pd
+from click.core import ParameterSource
 
 import robench
+from robench.benchfile import benchmark_for_command
 from robench.config import Benchmark, PluginSpec
 from robench.errors import ConfigError, RobenchError
 from robench.grid import plan
@@ -198,6 +200,18 @@ def _benchmark(opts: dict[str, Any], exhaustive: bool = False) -> Benchmark:
     )
 
 
+def _resolve(opts: dict[str, Any], exhaustive: bool = False) -> Benchmark:
+    """The benchmark of the FILE argument (--batch-size, if given, overrides its own) or of the flags."""
+    file: Path | None = opts.pop("file")
+    if file is None:
+        return _benchmark(opts, exhaustive)
+    ctx, cmdline = click.get_current_context(), ParameterSource.COMMANDLINE
+    given = {p.name: max(p.opts, key=len) for p in ctx.command.params if p.name in opts}
+    given = {name: flag for name, flag in given.items() if ctx.get_parameter_source(str(name)) is cmdline}
+    batch_size = opts["batch_size"] if given.pop("batch_size", None) else None
+    return benchmark_for_command(file, list(given.values()), batch_size, exhaustive)
+
+
 def _scoped(params: dict[str, Any], plugin: str) -> dict[str, Any]:
     """Parameters for ``plugin``: unscoped ``key`` apply to every plugin, ``plugin.key`` to one."""
     out = {k: v for k, v in params.items() if "." not in k}
@@ -224,7 +238,12 @@ def cli() -> None:
     """
 
 
+_FILE = click.argument("file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+_SELECT = click.option("-k", "select", default=None, help="Only cells whose id contains this text.")
+
+
 @cli.command()
+@_FILE
 @_benchmark_options
 @click.option(
     "--device",
@@ -237,7 +256,7 @@ def cli() -> None:
     "--out",
     type=click.Path(path_type=Path),
     default=None,
-    help="Run folder (default: results/<defenses>-<attacks>-<dataset>-<config hash>).",
+    help="Run folder (default: results/<name>-<config hash>; the name is the file's, or defenses-attacks-dataset).",
 )
 @click.option(
     "--cache-dir",
@@ -250,18 +269,19 @@ def cli() -> None:
     is_flag=True,
     help="Run every version on every sample (no early exit); same accuracies, full per-version outcomes.",
 )
-@click.option("-k", "select", default=None, help="Only run cells whose id contains this text.")
+@_SELECT
 def run(
     device: str, out: Path | None, cache_dir: Path | None, exhaustive: bool, select: str | None, **opts: Any
 ) -> None:
     """Build defenses, attack them, print the table and store it (finished cells are skipped).
 
-    Example: robench run --defense advt --attack pgd --eps 0.05 --eps 0.1
+    FILE is a benchmark file (benchmarks/*.toml) defining the whole grid; without it, the
+    flags do. Example: robench run --defense advt --attack pgd --eps 0.05 --eps 0.1
     """
     from robench.progress import TqdmProgress
     from robench.runner import run as run_benchmark
 
-    benchmark = _benchmark(opts, exhaustive)
+    benchmark = _resolve(opts, exhaustive)
     run_dir = out or Path("results") / f"{benchmark.name}-{benchmark.config_hash()}"
     cache = cache_dir or Path(os.environ.get("ROBENCH_CACHE", Path.home() / ".cache" / "robench"))
     summary = run_benchmark(
@@ -284,10 +304,12 @@ def run(
 
 
 @cli.command(name="plan")
+@_FILE
 @_benchmark_options
-def plan_cmd(**opts: Any) -> None:
-    """Print the cells a run would evaluate, without computing anything."""
-    cells = plan(_benchmark(opts), _registries())
+@_SELECT
+def plan_cmd(select: str | None, **opts: Any) -> None:
+    """Print the cells a run of FILE (or of the flags) would evaluate, without computing anything."""
+    cells = [c for c in plan(_resolve(opts), _registries()) if not select or select in c.id]
     for cell in cells:
         click.echo(cell.id)
     click.echo(f"{len(cells)} cell(s)")

@@ -6,6 +6,7 @@ and validates them against the registries before any compute.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from collections.abc import Mapping
@@ -19,6 +20,11 @@ if TYPE_CHECKING:
     from robench.protocol import Protocol
 
 PRESETS = ("smoke", "paper")
+EXCLUDE_KEYS = ("dataset", "arch", "defense", "variant", "protocol", "attack", "eps", "seed")
+"""What an exclude entry may match on: the grid's axes, plus each defense's variants."""
+
+Exclude = tuple[tuple[str, Any], ...]
+"""One exclude entry: sorted ``(axis, value)`` pairs; a cell matching all of them is dropped."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +54,8 @@ class PluginSpec:
 class Benchmark:
     """Axes of an evaluation grid; the grid is their product.
 
-    ``eps`` empty means each dataset's default eps for ``norm``.
+    ``eps`` empty means each dataset's default eps for ``norm``. ``exclude`` entries are
+    partial matches (tox style): :func:`robench.grid.plan` drops every cell matching one.
     """
 
     name: str
@@ -66,6 +73,7 @@ class Benchmark:
     sample_seed: int = 0
     batch_size: int = 250
     exhaustive: bool = False
+    exclude: tuple[Exclude, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -79,11 +87,15 @@ class Benchmark:
             raise ConfigError("n_samples and batch_size must be >= 1")
         if not self.seeds:
             raise ConfigError("a benchmark needs at least one seed")
+        for entry in self.exclude:
+            _check_exclude(entry)
 
     def to_json(self) -> dict[str, Any]:
         """Plain, JSON-ready form (for the manifest)."""
         out = asdict(self)
         out.pop("extra")
+        if not self.exclude:
+            del out["exclude"]  # keeps the hashes (and run folders) of benchmarks written before it
         return out
 
     def config_hash(self) -> str:
@@ -92,6 +104,23 @@ class Benchmark:
         for key in ("batch_size", "exhaustive", "name"):
             data.pop(key)  # these do not change the numbers (DESIGN.md §5)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def exclude_entry(values: Mapping[str, Any]) -> Exclude:
+    """An exclude entry from a mapping such as ``{"defense": "baseline", "eps": 0.1}``."""
+    entry = tuple(sorted(values.items()))
+    _check_exclude(entry)
+    return entry
+
+
+def _check_exclude(entry: Exclude) -> None:
+    if not entry:
+        raise ConfigError("an exclude entry needs at least one key; an empty one would drop every cell")
+    for key, _ in entry:
+        if key not in EXCLUDE_KEYS:
+            close = difflib.get_close_matches(key, EXCLUDE_KEYS, n=1)
+            hint = f" Did you mean: {close[0]}?" if close else ""
+            raise ConfigError(f"exclude key {key!r} is not an axis.{hint} Use: {', '.join(EXCLUDE_KEYS)}")
 
 
 def _short(value: Any) -> str:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from robench.attack import Attack
-from robench.config import Benchmark, PluginSpec
+from robench.config import Benchmark, Exclude, PluginSpec
 from robench.context import Norm, Threat
 from robench.defense import Defense
 from robench.errors import ConfigError
@@ -104,7 +105,10 @@ def resolve_protocols(benchmark: Benchmark, registries: Registries) -> list[Prot
     for spec in benchmark.protocols:
         definition = registries.protocols.get(spec.name).create(spec.param_dict())
         protocols.append(definition.build(benchmark.preset))
-    protocols += benchmark.inline_protocols
+    for protocol in benchmark.inline_protocols:
+        if protocol.name in registries.protocols:  # two meanings of one name in ids and results
+            raise ConfigError(f"inline protocol {protocol.name!r} has the name of a registered protocol; rename it")
+        protocols.append(protocol)
     for protocol in protocols:
         check_protocol(protocol, registries, benchmark)
     return protocols
@@ -140,7 +144,44 @@ def plan(benchmark: Benchmark, registries: Registries) -> list[Cell]:
                     Cell(key, variant, protocol, benchmark.norm, eps, benchmark.n_samples, benchmark.sample_seed)
                 )
     _check_unique(cells)
-    return cells
+    return apply_excludes(cells, benchmark.exclude)
+
+
+def apply_excludes(cells: list[Cell], exclude: tuple[Exclude, ...]) -> list[Cell]:
+    """``cells`` without those matching an exclude entry; an entry matching nothing is a typo."""
+    for entry in exclude:
+        if not any(excludes(entry, cell) for cell in cells):
+            shown = ", ".join(f"{key} = {json.dumps(value)}" for key, value in entry)
+            raise ConfigError(f"exclude entry {{ {shown} }} matches no cell; `robench plan` lists them")
+    kept = [cell for cell in cells if not any(excludes(entry, cell) for entry in exclude)]
+    if cells and not kept:
+        raise ConfigError("the exclude entries remove every cell of the benchmark")
+    return kept
+
+
+def excludes(entry: Exclude, cell: Cell) -> bool:
+    """Whether every key of ``entry`` matches ``cell`` (a partial match, as in tox)."""
+    return all(_matches(cell, key, value) for key, value in entry)
+
+
+def _matches(cell: Cell, key: str, value: Any) -> bool:
+    m = cell.model
+    if key == "eps":
+        return isinstance(value, int | float) and math.isclose(cell.eps, value, rel_tol=1e-9)
+    if key == "defense":  # the plugin name, or the label with the user's parameters
+        return value in (m.defense, m.defense_label)
+    if key == "protocol":  # the name, or for a one-attack protocol its attack's plugin name
+        return value in (cell.protocol.name, cell.protocol.name.split("[", 1)[0])
+    if key == "attack":
+        return value in _single_attack_names(cell.protocol)
+    return bool(value == {"dataset": m.dataset, "arch": m.arch, "variant": cell.variant, "seed": m.seed}[key])
+
+
+def _single_attack_names(protocol: Protocol) -> tuple[str, ...]:
+    """Name and label of the attack if ``protocol`` comes from the ``attack`` axis, else nothing."""
+    if len(protocol.uses) != 1 or protocol.uses[0].source or protocol.name != protocol.uses[0].attack.label():
+        return ()
+    return (protocol.uses[0].attack.name, protocol.name)
 
 
 def _eps_grid(benchmark: Benchmark, registries: Registries, dataset: str) -> tuple[float, ...]:

@@ -10,18 +10,29 @@ import pytest
 
 from robench.pluginmanager import get_plugin_manager
 from robench.registry import Registries
-from robench.testing import check_architecture, check_attack, check_dataset, check_defense
+from robench.testing import check_architecture, check_attack, check_dataset, check_defense, tiny_residual_model
 
 REGISTRIES = Registries.collect(get_plugin_manager())
 
 # Fast parameters so conformance runs in seconds; the defaults are exercised by the runner tests.
 FAST_DEFENSE_PARAMS = {"epochs": 1}
-FAST_ATTACK_PARAMS: dict[str, dict[str, object]] = {"pgd": {"steps": 3}}
+FAST_ATTACK_PARAMS: dict[str, dict[str, object]] = {
+    "pgd": {"steps": 3},
+    "mifgsm": {"steps": 3},
+    "mdi2fgsm": {"steps": 3},
+    "sgm": {"steps": 3},
+    "eot-pgd": {"steps": 2, "eot_iter": 2},
+    "apgd": {"steps": 5},
+    "square": {"n_queries": 50},
+    "autoattack": {"steps": 5, "n_queries": 50},
+}
+NEEDS_RESIDUAL = {"sgm"}
 
 
 @pytest.mark.parametrize("name", REGISTRIES.attacks.names())
 def test_attack_conforms(name: str) -> None:
-    check_attack(REGISTRIES.attacks.get(name), FAST_ATTACK_PARAMS.get(name))
+    model = tiny_residual_model() if name in NEEDS_RESIDUAL else None
+    check_attack(REGISTRIES.attacks.get(name), FAST_ATTACK_PARAMS.get(name), model)
 
 
 @pytest.mark.parametrize("name", REGISTRIES.defenses.names())

@@ -141,7 +141,7 @@ def test_unknown_attack_through_main(monkeypatch: pytest.MonkeyPatch, capsys: py
     with pytest.raises(SystemExit) as info:
         main()
     assert info.value.code == 2
-    assert "error: unknown attack 'pdg'. Did you mean: pgd?" in capsys.readouterr().err
+    assert "error: unknown attack 'pdg'. Did you mean: pgd" in capsys.readouterr().err
 
 
 # -- A third-party distribution --------------------------------------------------------

@@ -81,8 +81,8 @@ def test_duplicate_within_one_plugin_is_a_conflict_too() -> None:
         Registries.collect(pm)
 
 
-def test_unknown_name_suggests_the_close_one(pm: pluggy.PluginManager) -> None:
-    attacks = Registries.collect(pm).attacks
+def test_unknown_name_suggests_the_close_one() -> None:
+    attacks = Registries.collect(get_plugin_manager(disabled=["transfer", "zoo"])).attacks
     with pytest.raises(UnknownPluginError) as info:
         attacks.get("pdg")
     assert str(info.value) == (

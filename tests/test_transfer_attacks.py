@@ -11,7 +11,6 @@ import torch.nn.functional as F
 import torchattacks
 from torch import Tensor, nn
 
-import robench.testing
 from robench import Threat
 from robench.architecture import Normalize, make_model
 from robench.attack import sample_keys
@@ -24,11 +23,11 @@ from robench.plugins.transfer import (
     SGM,
     InputDiversity,
     momentum_step,
-    resize_pad,
     residual_blocks,
+    resize_pad,
     skip_gradients,
 )
-from robench.testing import TINY_SHAPE, check_attack, tiny_context, tiny_data, tiny_model
+from robench.testing import CONFORMANCE_SHAPE, TINY_SHAPE, check_attack, tiny_context, tiny_data, tiny_model
 from robench.training import Schedule, train
 
 LINF = Threat("linf", 0.1)
@@ -157,12 +156,13 @@ def test_input_diversity_is_redrawn_every_iteration_and_keyed_per_sample() -> No
     assert float(div.offset.min()) >= 0 and bool((div.offset + div.scale <= 1 + 1e-6).all()), "inside the canvas"
     assert 0.3 < float(div.apply.float().mean()) < 0.7
     assert len({tuple(row.tolist()) for row in torch.cat([div.scale[0], div.offset[0]], dim=1)}) > 1
-    first, second = div(x, 0), div(x, 1)
+    first, second = div(x, 0, torch.arange(16)), div(x, 1, torch.arange(16))
     both = div.apply[:, 0] & div.apply[:, 1]
     assert bool(both.any()) and not torch.equal(first[both], second[both]), "iterations draw different transforms"
     assert torch.equal(first[~div.apply[:, 0]], x[~div.apply[:, 0]]), "undrawn samples pass unchanged"
     half = InputDiversity.draw(keys[8:], x[8:], steps=50, prob=0.5, resize_rate=1.125)
     assert torch.equal(half.scale, div.scale[8:]) and torch.equal(half.apply, div.apply[8:])
+    assert torch.equal(div(x[8:], 0, torch.arange(8, 16)), first[8:]), "a subset gets its own samples' transforms"
 
 
 # -- sgm ------------------------------------------------------------------------------
@@ -206,7 +206,7 @@ def test_sgm_rejects_a_network_without_residual_blocks(batch: tuple[Tensor, Tens
 def test_sgm_with_gamma_one_is_pgd(batch: tuple[Tensor, Tensor]) -> None:
     x, y = batch
     model, keys = small_resnet(), keys_for(32)
-    pgd = PGD(steps=3, random_start=False).perturb(model, x, y, LINF, keys)
+    pgd = PGD(steps=3, random_start=False, stop_on_success=False).perturb(model, x, y, LINF, keys)
     assert torch.equal(SGM(steps=3, gamma=1.0).perturb(model, x, y, LINF, keys), pgd)
     assert not torch.equal(SGM(steps=3, gamma=0.2).perturb(model, x, y, LINF, keys), pgd)
 
@@ -219,10 +219,9 @@ def test_conforms(cls: type[MIFGSM]) -> None:
     check_attack(cls, {"steps": 3})
 
 
-def test_sgm_conforms_on_a_residual_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    # check_attack attacks robench.testing.tiny_model, which has no residual blocks: swap in ResNet-20
-    monkeypatch.setattr(robench.testing, "tiny_model", lambda: make_model(ResNet20(), TINY_SHAPE).eval())
-    check_attack(SGM, {"steps": 3})
+def test_sgm_conforms_on_a_residual_network() -> None:
+    # check_attack's default tiny model has no residual blocks: attack a ResNet-20
+    check_attack(SGM, {"steps": 3}, make_model(ResNet20(), CONFORMANCE_SHAPE).eval())
 
 
 @pytest.mark.parametrize(
