@@ -42,7 +42,8 @@ class Outcome:
     versions: list[Tensor] = field(default_factory=list)  # bool (n,), True where not fooled
     attacked: list[Tensor] = field(default_factory=list)  # bool (n,), where the version ran
     robust: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
-    forwards: int = 0
+    gradient_calls: int = 0  # sample-level forward passes with gradients during attacks
+    queries: int = 0  # all sample-level forward passes through the attacked model during attacks
     seconds: float = 0.0
     clean_loss: float = 0.0
     adv_loss: float = 0.0
@@ -109,11 +110,11 @@ def evaluate(
     start = time.perf_counter()
     judge = Judge(_placed(variant.model, setup), setup.votes if variant.randomized else 1)
     grad_model = _placed(variant.attack_model, setup)
+    counter = _ForwardCounter(grad_model)  # the model itself: EOT draws count one by one
     if variant.randomized and setup.eot > 1:
         grad_model = ExpectationModel(grad_model, setup.eot)
     outcome = Outcome(clean=_correct_all(judge, data, indices, setup))
     robust = outcome.clean.clone()
-    counter = _ForwardCounter(grad_model)
     bar = progress.bar(len(versions), "versions")
     try:
         for version in versions:
@@ -134,7 +135,7 @@ def evaluate(
     stacked = torch.stack(outcome.versions) if outcome.versions else torch.zeros(0, dtype=torch.bool)
     outcome.robust = all_or_nothing(outcome.clean, stacked)
     assert torch.equal(outcome.robust, robust)  # the running AND and the definition agree
-    outcome.forwards = counter.count
+    outcome.gradient_calls, outcome.queries = counter.gradient_calls, counter.queries
     outcome.seconds = time.perf_counter() - start
     return outcome
 
@@ -214,15 +215,23 @@ def _chunks(indices: Tensor, size: int) -> list[Tensor]:
 
 
 class _ForwardCounter:
-    """Counts sample-level forward passes through the attacked model."""
+    """Counts sample-level forward passes through the attacked model while attacks run.
+
+    Scoring passes (under inference mode) are not counted; gradient-free attacks (Square)
+    show up as queries without gradient calls.
+    """
 
     def __init__(self, model: nn.Module) -> None:
-        self.count = 0
+        self.gradient_calls = 0
+        self.queries = 0
         self._handle = model.register_forward_pre_hook(self._hook)
 
     def _hook(self, module: nn.Module, args: tuple[Tensor, ...]) -> None:
-        if torch.is_grad_enabled():  # attack steps, not the scoring passes
-            self.count += int(args[0].shape[0])
+        if torch.is_inference_mode_enabled():
+            return
+        self.queries += int(args[0].shape[0])
+        if torch.is_grad_enabled():
+            self.gradient_calls += int(args[0].shape[0])
 
     def remove(self) -> None:
         self._handle.remove()

@@ -69,6 +69,8 @@ _CELL_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("attack_seconds", pa.float64(), "seconds spent evaluating the cell (attacks and scoring)"),
     ("transfer_seconds", pa.float64(), "part of attack_seconds spent loading or generating transfer sets"),
     ("gradient_calls", pa.int64(), "sample-level forward passes with gradients through the attacked model"),
+    ("queries", pa.int64(), "all sample-level forward passes through the attacked model during attacks"),
+    ("versions", pa.string(), "JSON list of version labels; samples.version indexes it"),
     ("transfer_sets", pa.string(), "JSON list of the cached transfer-set files this cell used"),
     ("flag_loss_not_increasing", pa.bool_(), "sanity: white-box attacks left the mean loss below the clean loss"),
     ("flag_eps_not_monotonic", pa.bool_(), "sanity: robust accuracy rises with eps (same model, protocol)"),
