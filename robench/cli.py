@@ -5,19 +5,16 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 import pandas as pd
-from click.core import ParameterSource
 
 import robench
-from robench.benchfile import benchmark_for_command
-from robench.config import Benchmark, PluginSpec
+from robench.cliflags import benchmark_options, resolve_benchmark
 from robench.errors import ConfigError, RobenchError
 from robench.grid import plan
 from robench.pluginmanager import default_plugin_manager, plugin_infos
@@ -53,183 +50,24 @@ def _registries() -> Registries:
     return Registries.collect(default_plugin_manager())
 
 
-def _kv(pairs: Sequence[str]) -> dict[str, Any]:
-    """Parse ``key=value`` pairs; values are JSON when they parse as JSON, else strings."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ConfigError(f"expected key=value, got {pair!r}")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
-
-
-def _benchmark_options(func: F) -> F:
-    options = [
-        click.option(
-            "--defense",
-            "defenses",
-            multiple=True,
-            default=("baseline",),
-            show_default=True,
-            help="Defense plugin to build (repeatable). `robench list defenses` shows them.",
-        ),
-        click.option(
-            "--attack",
-            "attacks",
-            multiple=True,
-            help="Attack plugin (repeatable); its restarts are the versions of a one-attack all-or-nothing "
-            "protocol. Default: pgd, unless --protocol is given.",
-        ),
-        click.option(
-            "--protocol",
-            "protocols",
-            multiple=True,
-            help="Named protocol (repeatable), e.g. whitebox-pgd, blackbox-dverge, advft-pgd, autoattack, "
-            "eot-pgd, square. `robench list protocols` describes them.",
-        ),
-        click.option(
-            "-P",
-            "--protocol-param",
-            "protocol_params",
-            multiple=True,
-            metavar="KEY=VALUE",
-            help="Protocol parameter, e.g. -P steps=20, or -P blackbox-dverge.groups=[1,2] (repeatable).",
-        ),
-        click.option(
-            "-D",
-            "--defense-param",
-            "defense_params",
-            multiple=True,
-            metavar="KEY=VALUE",
-            help="Defense parameter overriding the preset, e.g. -D epochs=5, or for one defense only, "
-            "-D advt.eps=0.05 (repeatable).",
-        ),
-        click.option(
-            "-A",
-            "--attack-param",
-            "attack_params",
-            multiple=True,
-            metavar="KEY=VALUE",
-            help="Attack parameter, e.g. -A steps=50 -A loss=cw, or -A pgd.steps=50 (repeatable).",
-        ),
-        click.option(
-            "--dataset",
-            "datasets",
-            multiple=True,
-            default=("fashion-mnist",),
-            show_default=True,
-            help="Dataset (repeatable).",
-        ),
-        click.option(
-            "--arch", "archs", multiple=True, default=("cnn8",), show_default=True, help="Architecture (repeatable)."
-        ),
-        click.option(
-            "--norm", type=click.Choice(["linf", "l2"]), default="linf", show_default=True, help="Threat norm."
-        ),
-        click.option(
-            "--eps",
-            "eps",
-            multiple=True,
-            type=float,
-            help="Threat radius in [0, 1] pixel units (repeatable); default: the dataset's "
-            "(fashion-mnist 0.1, cifar 8/255 for linf).",
-        ),
-        click.option(
-            "--seed",
-            "seeds",
-            multiple=True,
-            type=int,
-            default=(0,),
-            show_default=True,
-            help="Seed of training and attack starts (repeatable).",
-        ),
-        click.option(
-            "--preset",
-            type=click.Choice(["smoke", "paper"]),
-            default="smoke",
-            show_default=True,
-            help="Defense hyperparameters: smoke (CPU minutes) or paper (the papers', for GPUs).",
-        ),
-        click.option(
-            "--n-samples",
-            type=int,
-            default=1000,
-            show_default=True,
-            help="Evaluation subset size, drawn reproducibly from the test split.",
-        ),
-        click.option("--sample-seed", type=int, default=0, show_default=True, help="Seed of that subset."),
-        click.option(
-            "--batch-size",
-            type=int,
-            default=250,
-            show_default=True,
-            help="Attack batch size (results do not depend on it).",
-        ),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def _benchmark(opts: dict[str, Any], exhaustive: bool = False) -> Benchmark:
-    dparams, aparams, pparams = _kv(opts["defense_params"]), _kv(opts["attack_params"]), _kv(opts["protocol_params"])
-    attacks = opts["attacks"] or (() if opts["protocols"] else ("pgd",))
-    name = "-".join([*opts["defenses"], *attacks, *opts["protocols"], *opts["datasets"]])
-    _check_scopes(dparams, opts["defenses"], "-D")
-    _check_scopes(aparams, attacks, "-A")
-    _check_scopes(pparams, opts["protocols"], "-P")
-    return Benchmark(
-        name=re.sub(r"[^A-Za-z0-9_.-]+", "_", name),
-        datasets=tuple(opts["datasets"]),
-        archs=tuple(opts["archs"]),
-        defenses=tuple(PluginSpec.of(d, _scoped(dparams, d)) for d in opts["defenses"]),
-        attacks=tuple(PluginSpec.of(a, _scoped(aparams, a)) for a in attacks),
-        protocols=tuple(PluginSpec.of(p, _scoped(pparams, p)) for p in opts["protocols"]),
-        norm=opts["norm"],
-        eps=tuple(opts["eps"]),
-        seeds=tuple(opts["seeds"]),
-        preset=opts["preset"],
-        n_samples=opts["n_samples"],
-        sample_seed=opts["sample_seed"],
-        batch_size=opts["batch_size"],
-        exhaustive=exhaustive,
-    )
-
-
-def _resolve(opts: dict[str, Any], exhaustive: bool = False) -> Benchmark:
-    """The benchmark of the FILE argument (--batch-size, if given, overrides its own) or of the flags."""
-    file: Path | None = opts.pop("file")
-    if file is None:
-        return _benchmark(opts, exhaustive)
-    ctx, cmdline = click.get_current_context(), ParameterSource.COMMANDLINE
-    given = {p.name: max(p.opts, key=len) for p in ctx.command.params if p.name in opts}
-    given = {name: flag for name, flag in given.items() if ctx.get_parameter_source(str(name)) is cmdline}
-    batch_size = opts["batch_size"] if given.pop("batch_size", None) else None
-    return benchmark_for_command(file, list(given.values()), batch_size, exhaustive)
-
-
-def _scoped(params: dict[str, Any], plugin: str) -> dict[str, Any]:
-    """Parameters for ``plugin``: unscoped ``key`` apply to every plugin, ``plugin.key`` to one."""
-    out = {k: v for k, v in params.items() if "." not in k}
-    out.update({k.split(".", 1)[1]: v for k, v in params.items() if k.split(".", 1)[0] == plugin and "." in k})
-    return out
-
-
-def _check_scopes(params: dict[str, Any], plugins: Sequence[str], flag: str) -> None:
-    for key in params:
-        scope = key.split(".", 1)[0] if "." in key else None
-        if scope is not None and scope not in plugins:
-            raise ConfigError(
-                f"{flag} {key}=...: {scope!r} is not one of the plugins in this run ({', '.join(plugins)})"
-            )
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """robench's version and, like flake8, every plugin distribution's."""
+    if not value or ctx.resilient_parsing:
+        return
+    dists = sorted({(i.dist, i.version) for i in plugin_infos(default_plugin_manager()).values()})
+    click.echo(f"robench, version {robench.__version__} (plugins: {', '.join(f'{d} {v}' for d, v in dists)})")
+    ctx.exit()
 
 
 @click.group(cls=_Group)
-@click.version_option(robench.__version__, prog_name="robench")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Show robench's version and its plugin distributions, then exit.",
+)
 def cli() -> None:
     """robench: adversarial-robustness benchmarks for compact image classifiers.
 
@@ -244,7 +82,7 @@ _SELECT = click.option("-k", "select", default=None, help="Only cells whose id c
 
 @cli.command()
 @_FILE
-@_benchmark_options
+@benchmark_options
 @click.option(
     "--device",
     type=click.Choice(["auto", "cpu", "cuda"]),
@@ -281,7 +119,7 @@ def run(
     from robench.progress import TqdmProgress
     from robench.runner import run as run_benchmark
 
-    benchmark = _resolve(opts, exhaustive)
+    benchmark = resolve_benchmark(opts, exhaustive)
     run_dir = out or Path("results") / f"{benchmark.name}-{benchmark.config_hash()}"
     cache = cache_dir or Path(os.environ.get("ROBENCH_CACHE", Path.home() / ".cache" / "robench"))
     summary = run_benchmark(
@@ -305,11 +143,11 @@ def run(
 
 @cli.command(name="plan")
 @_FILE
-@_benchmark_options
+@benchmark_options
 @_SELECT
 def plan_cmd(select: str | None, **opts: Any) -> None:
     """Print the cells a run of FILE (or of the flags) would evaluate, without computing anything."""
-    cells = [c for c in plan(_resolve(opts), _registries()) if not select or select in c.id]
+    cells = [c for c in plan(resolve_benchmark(opts), _registries()) if not select or select in c.id]
     for cell in cells:
         click.echo(cell.id)
     click.echo(f"{len(cells)} cell(s)")

@@ -120,7 +120,7 @@ def test_plugins_prints_json_with_dist_version_and_hooks() -> None:
 
 
 def test_version() -> None:
-    assert invoke("--version").output == f"robench, version {VERSION}\n"
+    assert invoke("--version").output == f"robench, version {VERSION} (plugins: robench {VERSION})\n"
 
 
 def test_unknown_defense_suggests_the_close_name(

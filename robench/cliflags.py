@@ -1,0 +1,196 @@
+"""Command-line flags that describe a benchmark grid, and turning them into a :class:`Benchmark`.
+
+Kept apart from ``cli.py`` so the commands stay short; ``run`` and ``plan`` share these flags.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from click.core import ParameterSource
+
+from robench.benchfile import benchmark_for_command
+from robench.config import Benchmark, PluginSpec
+from robench.errors import ConfigError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _kv(pairs: Sequence[str]) -> dict[str, Any]:
+    """Parse ``key=value`` pairs; values are JSON when they parse as JSON, else strings."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"expected key=value, got {pair!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def benchmark_options(func: F) -> F:
+    options = [
+        click.option(
+            "--defense",
+            "defenses",
+            multiple=True,
+            default=("baseline",),
+            show_default=True,
+            help="Defense plugin to build (repeatable). `robench list defenses` shows them.",
+        ),
+        click.option(
+            "--attack",
+            "attacks",
+            multiple=True,
+            help="Attack plugin (repeatable); its restarts are the versions of a one-attack all-or-nothing "
+            "protocol. Default: pgd, unless --protocol is given.",
+        ),
+        click.option(
+            "--protocol",
+            "protocols",
+            multiple=True,
+            help="Named protocol (repeatable), e.g. whitebox-pgd, blackbox-dverge, advft-pgd, autoattack, "
+            "eot-pgd, square. `robench list protocols` describes them.",
+        ),
+        click.option(
+            "-P",
+            "--protocol-param",
+            "protocol_params",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Protocol parameter, e.g. -P steps=20, or -P blackbox-dverge.groups=[1,2] (repeatable).",
+        ),
+        click.option(
+            "-D",
+            "--defense-param",
+            "defense_params",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Defense parameter overriding the preset, e.g. -D epochs=5, or for one defense only, "
+            "-D advt.eps=0.05 (repeatable).",
+        ),
+        click.option(
+            "-A",
+            "--attack-param",
+            "attack_params",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Attack parameter, e.g. -A steps=50 -A loss=cw, or -A pgd.steps=50 (repeatable).",
+        ),
+        click.option(
+            "--dataset",
+            "datasets",
+            multiple=True,
+            default=("fashion-mnist",),
+            show_default=True,
+            help="Dataset (repeatable).",
+        ),
+        click.option(
+            "--arch", "archs", multiple=True, default=("cnn8",), show_default=True, help="Architecture (repeatable)."
+        ),
+        click.option(
+            "--norm", type=click.Choice(["linf", "l2"]), default="linf", show_default=True, help="Threat norm."
+        ),
+        click.option(
+            "--eps",
+            "eps",
+            multiple=True,
+            type=float,
+            help="Threat radius in [0, 1] pixel units (repeatable); default: the dataset's "
+            "(fashion-mnist 0.1, cifar 8/255 for linf).",
+        ),
+        click.option(
+            "--seed",
+            "seeds",
+            multiple=True,
+            type=int,
+            default=(0,),
+            show_default=True,
+            help="Seed of training and attack starts (repeatable).",
+        ),
+        click.option(
+            "--preset",
+            type=click.Choice(["smoke", "paper"]),
+            default="smoke",
+            show_default=True,
+            help="Defense hyperparameters: smoke (CPU minutes) or paper (the papers', for GPUs).",
+        ),
+        click.option(
+            "--n-samples",
+            type=int,
+            default=1000,
+            show_default=True,
+            help="Evaluation subset size, drawn reproducibly from the test split.",
+        ),
+        click.option("--sample-seed", type=int, default=0, show_default=True, help="Seed of that subset."),
+        click.option(
+            "--batch-size",
+            type=int,
+            default=250,
+            show_default=True,
+            help="Attack batch size (results do not depend on it).",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _benchmark(opts: dict[str, Any], exhaustive: bool = False) -> Benchmark:
+    dparams, aparams, pparams = _kv(opts["defense_params"]), _kv(opts["attack_params"]), _kv(opts["protocol_params"])
+    attacks = opts["attacks"] or (() if opts["protocols"] else ("pgd",))
+    name = "-".join([*opts["defenses"], *attacks, *opts["protocols"], *opts["datasets"]])
+    _check_scopes(dparams, opts["defenses"], "-D")
+    _check_scopes(aparams, attacks, "-A")
+    _check_scopes(pparams, opts["protocols"], "-P")
+    return Benchmark(
+        name=re.sub(r"[^A-Za-z0-9_.-]+", "_", name),
+        datasets=tuple(opts["datasets"]),
+        archs=tuple(opts["archs"]),
+        defenses=tuple(PluginSpec.of(d, _scoped(dparams, d)) for d in opts["defenses"]),
+        attacks=tuple(PluginSpec.of(a, _scoped(aparams, a)) for a in attacks),
+        protocols=tuple(PluginSpec.of(p, _scoped(pparams, p)) for p in opts["protocols"]),
+        norm=opts["norm"],
+        eps=tuple(opts["eps"]),
+        seeds=tuple(opts["seeds"]),
+        preset=opts["preset"],
+        n_samples=opts["n_samples"],
+        sample_seed=opts["sample_seed"],
+        batch_size=opts["batch_size"],
+        exhaustive=exhaustive,
+    )
+
+
+def resolve_benchmark(opts: dict[str, Any], exhaustive: bool = False) -> Benchmark:
+    """The benchmark of the FILE argument (--batch-size, if given, overrides its own) or of the flags."""
+    file: Path | None = opts.pop("file")
+    if file is None:
+        return _benchmark(opts, exhaustive)
+    ctx, cmdline = click.get_current_context(), ParameterSource.COMMANDLINE
+    given = {p.name: max(p.opts, key=len) for p in ctx.command.params if p.name in opts}
+    given = {name: flag for name, flag in given.items() if ctx.get_parameter_source(str(name)) is cmdline}
+    batch_size = opts["batch_size"] if given.pop("batch_size", None) else None
+    return benchmark_for_command(file, list(given.values()), batch_size, exhaustive)
+
+
+def _scoped(params: dict[str, Any], plugin: str) -> dict[str, Any]:
+    """Parameters for ``plugin``: unscoped ``key`` apply to every plugin, ``plugin.key`` to one."""
+    out = {k: v for k, v in params.items() if "." not in k}
+    out.update({k.split(".", 1)[1]: v for k, v in params.items() if k.split(".", 1)[0] == plugin and "." in k})
+    return out
+
+
+def _check_scopes(params: dict[str, Any], plugins: Sequence[str], flag: str) -> None:
+    for key in params:
+        scope = key.split(".", 1)[0] if "." in key else None
+        if scope is not None and scope not in plugins:
+            raise ConfigError(
+                f"{flag} {key}=...: {scope!r} is not one of the plugins in this run ({', '.join(plugins)})"
+            )
