@@ -105,19 +105,22 @@ def tiny_residual_model(shape: DataShape = CONFORMANCE_SHAPE, seed: int = 0) -> 
         return nn.Sequential(Normalize(shape.mean, shape.std), net).eval()
 
 
-def check_attack(cls: type[Attack], params: dict[str, Any] | None = None, model: nn.Module | None = None) -> None:
+def check_attack(
+    cls: type[Attack], params: dict[str, Any] | None = None, model: nn.Module | None = None, device: str = "cpu"
+) -> None:
     """Shapes, dtype, eps-ball, [0, 1], per-sample determinism and batch independence.
 
     Attacks with ``batch_seeded = True`` (wrappers of torchattacks attacks that seed a whole
     batch at once) are checked for determinism given the same batch instead.
 
     :param model: the model to attack (default: a tiny conv net on 16x16 grey images)
+    :param device: where the model and data live
     """
     attack = cls.create(params or {})
     assert attack.n_versions() >= 1
     data = tiny_data(16, CONFORMANCE_SHAPE)
-    x, y = data.batch(torch.arange(16))
-    model = model if model is not None else tiny_model(CONFORMANCE_SHAPE)
+    x, y = (t.to(device) for t in data.batch(torch.arange(16)))
+    model = (model if model is not None else tiny_model(CONFORMANCE_SHAPE)).to(device)
     for norm in sorted(cls.norms):
         threat = Threat(norm, 0.1 if norm == "linf" else 0.5)
         keys = sample_keys(123, torch.arange(16))

@@ -15,8 +15,10 @@ import pytest
 import torch
 from test_runner import MEASURED, cells, pm, run_tiny, tiny_benchmark  # noqa: F401  (pm is a fixture)
 
+from robench.pluginmanager import get_plugin_manager
+from robench.registry import Registries
 from robench.runner import run
-from robench.testing import tiny_context
+from robench.testing import check_attack, tiny_context, tiny_residual_model
 from robench.training import Schedule, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -52,3 +54,13 @@ def test_cuda_batch_size_does_not_matter(pm: pluggy.PluginManager, tmp_path: Pat
     a = run(tiny_benchmark(), pm=pm, run_dir=tmp_path / "a", cache_dir=tmp_path / "cache", device="cuda")
     b = run(tiny_benchmark(batch_size=7), pm=pm, run_dir=tmp_path / "b", cache_dir=tmp_path / "cache", device="cuda")
     pd.testing.assert_frame_equal(cells(a)[MEASURED], cells(b)[MEASURED])
+
+
+@pytest.mark.parametrize("name", Registries.collect(get_plugin_manager()).attacks.names())
+def test_every_attack_conforms_on_cuda(name: str) -> None:
+    from test_builtins import FAST_ATTACK_PARAMS, NEEDS_RESIDUAL
+
+    model = tiny_residual_model() if name in NEEDS_RESIDUAL else None
+    check_attack(
+        Registries.collect(get_plugin_manager()).attacks.get(name), FAST_ATTACK_PARAMS.get(name), model, "cuda"
+    )
