@@ -106,6 +106,19 @@ class BasicBlock(nn.Module):
         return out
 
 
+class GlobalAvgPool(nn.Module):
+    """Mean over the spatial dimensions, keeping (N, C, 1, 1).
+
+    Not ``GlobalAvgPool()``: its CUDA backward uses atomic adds and is not
+    deterministic, which would make attack gradients (and so verdicts) vary from run to run
+    on GPUs. A mean's backward is a plain broadcast.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Average over H and W."""
+        return x.mean(dim=(2, 3), keepdim=True)
+
+
 class CifarResNet(nn.Module):
     """A CIFAR-style ResNet of :class:`BasicBlock` stages.
 
@@ -129,7 +142,7 @@ class CifarResNet(nn.Module):
             stages.append(_stage(in_planes, planes, blocks_per_stage, stride=1 if i == 0 else 2))
             in_planes = planes
         self.stages = nn.Sequential(*stages)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = GlobalAvgPool()
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(in_planes, num_classes)
 
@@ -236,7 +249,7 @@ class VGG16(robench.Architecture):
         return nn.Sequential(
             OrderedDict(
                 features=_vgg_features(shape.channels, shape.height, shape.width),
-                pool=nn.AdaptiveAvgPool2d(1),
+                pool=GlobalAvgPool(),
                 flatten=nn.Flatten(),
                 fc=nn.Linear(512, shape.num_classes),
             )

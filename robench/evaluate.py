@@ -9,8 +9,9 @@ neither early exit nor batch size changes any verdict (tests prove both).
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -95,6 +96,22 @@ class Setup:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
 
+@contextlib.contextmanager
+def deterministic(device: torch.device) -> Iterator[None]:
+    """On CUDA, deterministic cuDNN kernels while attacking: the default convolution backward
+    kernels use atomics, so the same keys could give different adversarial inputs and
+    borderline verdicts would change between runs. A no-op on the CPU."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
 def evaluate(
     variant: Variant,
     versions: list[Version],
@@ -107,6 +124,21 @@ def evaluate(
     progress: Progress,
 ) -> Outcome:
     """Clean and all-or-nothing robust outcomes of ``variant`` on ``data[indices]``."""
+    with deterministic(setup.device):
+        return _evaluate(variant, versions, threat, data, indices, setup=setup, transfer=transfer, progress=progress)
+
+
+def _evaluate(
+    variant: Variant,
+    versions: list[Version],
+    threat: Threat,
+    data: ImageData,
+    indices: Tensor,
+    *,
+    setup: Setup,
+    transfer: TransferSource,
+    progress: Progress,
+) -> Outcome:
     start = time.perf_counter()
     judge = Judge(_placed(variant.model, setup), setup.votes if variant.randomized else 1)
     grad_model = _placed(variant.attack_model, setup)
@@ -144,6 +176,13 @@ def generate(
     model: nn.Module, version: Version, threat: Threat, data: ImageData, indices: Tensor, setup: Setup
 ) -> Tensor:
     """Adversarial inputs of ``version`` against ``model`` for every sample (transfer sets)."""
+    with deterministic(setup.device):
+        return _generate(model, version, threat, data, indices, setup)
+
+
+def _generate(
+    model: nn.Module, version: Version, threat: Threat, data: ImageData, indices: Tensor, setup: Setup
+) -> Tensor:
     out = []
     for chunk in _chunks(torch.arange(len(indices)), setup.batch_size):
         idx = indices[chunk]

@@ -15,6 +15,7 @@ import pytest
 import torch
 from test_runner import MEASURED, cells, pm, run_tiny, tiny_benchmark  # noqa: F401  (pm is a fixture)
 
+from robench.evaluate import deterministic
 from robench.pluginmanager import get_plugin_manager
 from robench.registry import Registries
 from robench.runner import run
@@ -61,6 +62,7 @@ def test_every_attack_conforms_on_cuda(name: str) -> None:
     from test_builtins import FAST_ATTACK_PARAMS, NEEDS_RESIDUAL
 
     model = tiny_residual_model() if name in NEEDS_RESIDUAL else None
-    check_attack(
-        Registries.collect(get_plugin_manager()).attacks.get(name), FAST_ATTACK_PARAMS.get(name), model, "cuda"
-    )
+    with deterministic(torch.device("cuda")):
+        check_attack(
+            Registries.collect(get_plugin_manager()).attacks.get(name), FAST_ATTACK_PARAMS.get(name), model, "cuda"
+        )
