@@ -73,7 +73,7 @@ def naive_whitebox(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: in
         torch.manual_seed(restart)  # DVERGE's convention: restart i uses seed i
         attack = torchattacks.PGD(model, eps=eps, alpha=eps / 5, steps=steps, random_start=True)
         adv = torch.cat([attack(a, b) for a, b in batches(x, y, size)])
-        robust &= correct(model, adv, y, size)
+        robust = robust & correct(model, adv, y, size)
     return robust
 
 
@@ -88,7 +88,7 @@ def naive_transfer(
             torch.manual_seed(restart)
             attack = torchattacks.PGD(source, eps=args.eps, alpha=args.eps / 5, steps=args.steps)
             adv = torch.cat([attack(a, b) for a, b in batches(x, y, args.batch_size)])
-            robust &= correct(model, adv, y, args.batch_size)
+            robust = robust & correct(model, adv, y, args.batch_size)
         accuracies.append(robust.float().mean())
     return torch.stack(accuracies)
 

@@ -184,6 +184,7 @@ def _generate(
     model: nn.Module, version: Version, threat: Threat, data: ImageData, indices: Tensor, setup: Setup
 ) -> Tensor:
     out = []
+    model = _placed(model, setup)
     for chunk in _chunks(torch.arange(len(indices)), setup.batch_size):
         idx = indices[chunk]
         x, y = data.batch(idx)
