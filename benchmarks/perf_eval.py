@@ -17,6 +17,7 @@ numbers with robench's Wilson interval so the difference can be judged.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
@@ -168,11 +169,13 @@ def transfer(registries: Registries, args: argparse.Namespace) -> None:
     indices = session.eval_indices("fashion-mnist")[: args.n_samples]
     x, y = session.data("fashion-mnist", "test").batch(indices)
     naive_acc, t_naive = timed(partial(naive_transfer, models, source, x, y, args))
-    run_dir = cache / "perf-transfer-run"
-    for path in [*(cache / "transfer").glob("*.pt"), *run_dir.glob("*/*.parquet")]:
-        path.unlink()  # time a cold transfer cache
+    # A private cache folder that shares the trained models but starts with no transfer sets,
+    # so the run is timed cold without touching the user's own transfer cache.
+    private = Path(tempfile.mkdtemp(prefix="robench-perf-"))
+    (private / "models").symlink_to((cache / "models").resolve())
+    run_dir = private / "run"
     start = time.perf_counter()
-    run(bench, pm=get_plugin_manager(), run_dir=run_dir, cache_dir=cache, device="cpu")
+    run(bench, pm=get_plugin_manager(), run_dir=run_dir, cache_dir=private, device="cpu")
     t_ours = time.perf_counter() - start
     table = RunStore(run_dir).read_cells().sort_values("attack_seconds", ascending=False)
     first, extra = table["attack_seconds"].iloc[0], table["attack_seconds"].iloc[1:].mean()
