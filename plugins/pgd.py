@@ -11,7 +11,7 @@ per-sample (summed) losses.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -111,6 +111,21 @@ def random_start(keys: Tensor, x: Tensor, norm: Norm, eps: float) -> Tensor:
     return direction / direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * radius * eps
 
 
+def engine_settings(attack: Any, x: Tensor, threat: robench.Threat, keys: Tensor) -> dict[str, Any]:
+    """The keyword arguments a keyed iterative engine takes, from an attack's usual fields
+    (``steps``, ``step_size`` as a fraction of eps, ``loss``, ``confidence`` and, if it has
+    one, ``random_start``): one place, so every iterative attack reads them the same way."""
+    start = random_start(keys, x, threat.norm, threat.eps) if getattr(attack, "random_start", False) else None
+    return {
+        "norm": threat.norm,
+        "eps": threat.eps,
+        "alpha": attack.step_size * threat.eps,
+        "steps": attack.steps,
+        "start": start,
+        "loss": get_loss(attack.loss, attack.confidence),
+    }
+
+
 @dataclass(frozen=True, kw_only=True)
 class PGD(robench.Attack):
     """Projected gradient descent (Madry et al. 2018), Linf or L2, random restarts as versions.
@@ -149,17 +164,7 @@ class PGD(robench.Attack):
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, threat: robench.Threat, keys: Tensor) -> Tensor:
         """Run PGD from the per-sample start given by ``keys``."""
-        start = random_start(keys, x, threat.norm, threat.eps) if self.random_start else None
-        attack = KeyedPGD(
-            model,
-            norm=threat.norm,
-            eps=threat.eps,
-            alpha=self.step_size * threat.eps,
-            steps=self.steps,
-            start=start,
-            loss=get_loss(self.loss, self.confidence),
-            stop_on_success=self.stop_on_success,
-        )
+        attack = KeyedPGD(model, **engine_settings(self, x, threat, keys), stop_on_success=self.stop_on_success)
         out: Tensor = attack(x, y)
         return out
 

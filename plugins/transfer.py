@@ -25,8 +25,8 @@ from torch import Tensor, nn
 import robench
 from robench.attack import sample_uniform
 from robench.context import Norm
-from robench.losses import LossFn, LossName, get_loss
-from robench.plugins.pgd import KeyedPGD, random_start, step_direction
+from robench.losses import LossFn, LossName
+from robench.plugins.pgd import KeyedPGD, engine_settings, step_direction
 
 Transform = Callable[[Tensor, int, Tensor], Tensor]
 """An input transform applied before the forward pass: ``(x, step, index) -> x'``, where
@@ -266,17 +266,8 @@ class MIFGSM(robench.Attack):
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, threat: robench.Threat, keys: Tensor) -> Tensor:
         """Run momentum PGD from the per-sample start given by ``keys``."""
-        start = random_start(keys, x, threat.norm, threat.eps) if self.random_start else None
         attack = KeyedIterative(
-            model,
-            norm=threat.norm,
-            eps=threat.eps,
-            alpha=self.step_size * threat.eps,
-            steps=self.steps,
-            start=start,
-            loss=get_loss(self.loss, self.confidence),
-            decay=self.decay,
-            transform=self._transform(x, keys),
+            model, **engine_settings(self, x, threat, keys), decay=self.decay, transform=self._transform(x, keys)
         )
         out: Tensor = attack(x, y)
         return out
@@ -366,15 +357,7 @@ class SGM(robench.Attack):
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, threat: robench.Threat, keys: Tensor) -> Tensor:
         """PGD from the clean input with skip-gradient hooks in place (nothing is random)."""
-        attack = KeyedPGD(
-            model,
-            norm=threat.norm,
-            eps=threat.eps,
-            alpha=self.step_size * threat.eps,
-            steps=self.steps,
-            start=None,
-            loss=get_loss(self.loss, self.confidence),
-        )
+        attack = KeyedPGD(model, **engine_settings(self, x, threat, keys))  # SGM: no random start
         with skip_gradients(model, self.gamma):
             out: Tensor = attack(x, y)
         return out

@@ -25,8 +25,7 @@ from torchattacks.wrappers.multiattack import MultiAttack
 
 import robench
 from robench.context import Norm
-from robench.losses import get_loss
-from robench.plugins.pgd import PGD, random_start
+from robench.plugins.pgd import PGD, engine_settings
 from robench.plugins.transfer import KeyedIterative
 
 _TA_NORM: dict[Norm, str] = {"linf": "Linf", "l2": "L2"}
@@ -101,18 +100,8 @@ class EOTPGD(PGD):
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, threat: robench.Threat, keys: Tensor) -> Tensor:
         """Run EOT-PGD from the per-sample start given by ``keys``."""
-        start = random_start(keys, x, threat.norm, threat.eps) if self.random_start else None
-        attack = KeyedIterative(
-            model,
-            norm=threat.norm,
-            eps=threat.eps,
-            alpha=self.step_size * threat.eps,
-            steps=self.steps,
-            start=start,
-            loss=get_loss(self.loss, self.confidence),
-            stop_on_success=self.stop_on_success,
-            eot_iter=self.eot_iter,
-        )
+        settings = engine_settings(self, x, threat, keys)
+        attack = KeyedIterative(model, **settings, stop_on_success=self.stop_on_success, eot_iter=self.eot_iter)
         out: Tensor = attack(x, y)
         return out
 
