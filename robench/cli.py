@@ -1,4 +1,4 @@
-"""The ``robench`` command: run, plan, list, plugins, show (plus plugin-provided commands)."""
+"""The ``robench`` command: run, plan, list, plugins, show, check, report (plus plugin-provided commands)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from robench.registry import Registries
 from robench.storage import RunStore, describe_schema
 
 F = TypeVar("F", bound=Callable[..., Any])
-BUILTIN = ("run", "plan", "list", "plugins", "show")
+BUILTIN = ("run", "plan", "list", "plugins", "show", "check", "report")
 
 
 class _Group(click.Group):
@@ -192,6 +192,66 @@ def show(run_dir: Path | None, all_columns: bool, schema: bool) -> None:
         raise ConfigError(f"{run_dir} is not a robench run folder (it has no cells/ directory)")
     cells = RunStore(run_dir).read_cells()
     click.echo(cells.to_string(index=False) if all_columns else format_table(cells))
+
+
+_RUN_DIR = click.argument("run_dir", type=click.Path(path_type=Path))
+
+
+@cli.command(name="check")
+@_RUN_DIR
+@click.option(
+    "--baseline",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Run folder with the reference numbers (e.g. a committed results/baselines/NAME).",
+)
+@click.option(
+    "--tolerance",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    metavar="POINTS",
+    help="Drops of at most this many percentage points never count as regressions.",
+)
+@click.option(
+    "--alpha",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.05,
+    show_default=True,
+    metavar="A",
+    help="Significance level of the one-sided test.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON.")
+@click.option("--markdown", is_flag=True, help="Print a markdown summary (for $GITHUB_STEP_SUMMARY).")
+def check_cmd(run_dir: Path, baseline: Path, tolerance: float, alpha: float, as_json: bool, markdown: bool) -> None:
+    """Fail (exit 1) if RUN_DIR is significantly less robust or accurate than --baseline.
+
+    Cells pair on their key columns. A cell regresses when its robust or clean accuracy drops
+    by more than --tolerance points and the drop is significant at --alpha: an exact McNemar
+    test on the per-sample verdicts when both runs scored the same samples, else a
+    two-proportion z-test. Cells of the baseline missing from RUN_DIR, and failed cells, fail
+    the check too (exit 1); new cells are reported. Unusable input (not a run folder, another
+    schema version, no cells in common) exits 2.
+    """
+    from robench.check import check, format_markdown, format_text, to_json
+
+    if as_json and markdown:
+        raise click.UsageError("--json and --markdown are alternatives: give one")
+    result = check(run_dir, baseline, tolerance=tolerance, alpha=alpha)
+    click.echo(to_json(result) if as_json else format_markdown(result) if markdown else format_text(result))
+    sys.exit(result.exit_code)
+
+
+@cli.command(name="report")
+@_RUN_DIR
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Report folder (default: RUN_DIR/report).")
+def report_cmd(run_dir: Path, out: Path | None) -> None:
+    """Write report.md (per protocol: robust accuracy by defense and eps, efficiency) and PNG plots."""
+    from robench.report import write_report
+
+    written = write_report(run_dir, out)
+    for path in written:
+        click.echo(str(path))
 
 
 def format_table(table: pd.DataFrame) -> str:
