@@ -15,7 +15,7 @@ if [ -d .data ]; then export ROBENCH_DATA=$PWD/.data; fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_runner.py tests/test_transfer_runner.py 2>&1 | tail -4
+python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_eio.py tests/test_runner.py tests/test_transfer_runner.py 2>&1 | tail -4
 run() {  # name, then robench run arguments
   local name=$1 start=$SECONDS
   shift

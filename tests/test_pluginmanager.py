@@ -136,7 +136,7 @@ def test_builtin_can_be_disabled_by_name() -> None:
 def test_builtin_can_be_disabled_via_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(DISABLE_ENV, "standard")
     registries = Registries.collect(get_plugin_manager())
-    assert registries.defenses.names() == []
+    assert not {"baseline", "advt"} & set(registries.defenses.names())  # other plugins' defenses stay
     assert "pgd" in registries.attacks
 
 
