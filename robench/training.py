@@ -65,6 +65,18 @@ def crop_flip(x: Tensor, gen: torch.Generator, pad: int = 4) -> Tensor:
     return out
 
 
+def sgd(model: nn.Module, schedule: Schedule) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.MultiStepLR]:
+    """A fresh SGD optimizer and step learning-rate schedule for one training phase."""
+    opt = torch.optim.SGD(
+        model.parameters(),
+        lr=schedule.lr,
+        momentum=schedule.momentum,
+        weight_decay=schedule.weight_decay,
+        nesterov=schedule.nesterov,
+    )
+    return opt, torch.optim.lr_scheduler.MultiStepLR(opt, list(schedule.milestones), schedule.gamma)
+
+
 def train(
     model: nn.Module, ctx: Context, schedule: Schedule, *, inputs: InputFn | None = None, desc: str = "train"
 ) -> nn.Module:
@@ -79,14 +91,7 @@ def train(
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(
-        model.parameters(),
-        lr=schedule.lr,
-        momentum=schedule.momentum,
-        weight_decay=schedule.weight_decay,
-        nesterov=schedule.nesterov,
-    )
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(schedule.milestones), schedule.gamma)
+    opt, sched = sgd(model, schedule)
     indices = subset_indices(len(ctx.train), schedule.train_subset, ctx.seed)
     n_batches = -(-len(indices) // schedule.batch_size)
     bar = ctx.progress.bar(schedule.epochs * n_batches, desc)

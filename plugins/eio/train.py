@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from robench.context import Context
 from robench.plugins.eio.model import GatePath, RandomGatedNetwork, derive
-from robench.training import Schedule, crop_flip, iterate, subset_indices, train
+from robench.training import Schedule, crop_flip, iterate, sgd, subset_indices, train
 
 # (optimizer, source images, source labels, target images or None) -> the batch's loss
 StepFn = Callable[[torch.optim.Optimizer, Tensor, Tensor, Tensor | None], float]
@@ -188,14 +188,7 @@ def run_phase(
     if schedule.epochs == 0:
         return
     gen = ctx.generator(salt + 1000)  # data order and augmentation, apart from the step's draws
-    opt = torch.optim.SGD(
-        rgn.parameters(),
-        lr=schedule.lr,
-        momentum=schedule.momentum,
-        weight_decay=schedule.weight_decay,
-        nesterov=schedule.nesterov,
-    )
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(schedule.milestones), schedule.gamma)
+    opt, sched = sgd(rgn, schedule)
     indices = subset_indices(len(ctx.train), schedule.train_subset, ctx.seed)
     bar = ctx.progress.bar(schedule.epochs * -(-len(indices) // schedule.batch_size), desc)
     for _epoch in range(schedule.epochs):
