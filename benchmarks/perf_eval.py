@@ -17,6 +17,7 @@ numbers with robench's Wilson interval so the difference can be judged.
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -178,6 +179,7 @@ def transfer(registries: Registries, args: argparse.Namespace) -> None:
     run(bench, pm=get_plugin_manager(), run_dir=run_dir, cache_dir=private, device="cpu")
     t_ours = time.perf_counter() - start
     table = RunStore(run_dir).read_cells().sort_values("attack_seconds", ascending=False)
+    shutil.rmtree(private)  # the link goes, the shared models stay
     first, extra = table["attack_seconds"].iloc[0], table["attack_seconds"].iloc[1:].mean()
     print(f"(b) transfer PGD-{args.steps} x 3 restarts from a held-out baseline, 3 targets, n={len(indices)}")
     print(
