@@ -19,11 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-import torchattacks
-from torch import Tensor, nn
+from torch import nn
 
 import robench
-from robench.training import Schedule, train
+from robench.training import Schedule, pgd_inputs, train
 
 _CIFAR = {
     "epochs": 200,
@@ -132,27 +131,13 @@ class AdversarialTraining(Baseline):
     def fit(self, ctx: robench.Context) -> dict[str, nn.Module]:
         """Train a fresh model on PGD examples generated against itself."""
         eps = self.eps or ctx.default_eps
-        model = ctx.new_model()
         n_train = min(self.train_subset or len(ctx.train), len(ctx.train))
         ramp_steps = self.eps_warmup * self.epochs * -(-n_train // self.batch_size)
-        step = 0
-
-        def pgd_inputs(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-            nonlocal step
-            step += 1
-            eps_now = eps * min(1.0, step / ramp_steps) if ramp_steps else eps
-            # torchattacks' PGD as is: training needs reproducible, not per-sample, draws.
-            attack = torchattacks.PGD(
-                m,
-                eps=eps_now,
-                alpha=self.attack_step_size * eps_now,
-                steps=self.attack_steps,
-                random_start=self.random_start,
-            )
-            out: Tensor = attack(x, y)
-            return out
-
-        return {"model": train(model, ctx, self.schedule(), inputs=pgd_inputs, desc=f"{self.name} train")}
+        inputs = pgd_inputs(
+            eps, self.attack_steps, self.attack_step_size, random_start=self.random_start, ramp_steps=ramp_steps
+        )
+        model = ctx.new_model()
+        return {"model": train(model, ctx, self.schedule(), inputs=inputs, desc=f"{self.name} train")}
 
 
 @robench.hookimpl

@@ -23,20 +23,30 @@ class Efficiency:
     latency_ms: float
 
 
-def measure(model: nn.Module, example: torch.Tensor, bits: int = 32, repeats: int = 10) -> Efficiency:
+def measure(
+    model: nn.Module, example: torch.Tensor, bits: int = 32, repeats: int = 10, counted: nn.Module | None = None
+) -> Efficiency:
     """Count parameters and MACs, and time single-image inference on ``example``'s device.
 
     MACs come from torch's own FLOP counter (FLOPs / 2), so no hand-written per-layer table.
+    ``counted`` is the model whose parameters and MACs are counted when ``model`` hides them
+    (an int8 model keeps its weights packed, and its quantized kernels are invisible to the
+    FLOP counter): its float or fake-quantised twin, with the same layers. Latency is always
+    that of ``model``; ``bytes`` is parameters x ``bits`` / 8.
     """
-    tensors = [p for p in model.parameters()]
+    counted = model if counted is None else counted
+    tensors = [p for p in counted.parameters()]
     params = sum(p.numel() for p in tensors)
     nonzero = sum(int(torch.count_nonzero(p)) for p in tensors)
     one = example[:1]
+    # Counted with autograd on: the FLOP counter's module tracker hooks every module input
+    # that requires grad (a fake-quant twin feeds its weights through modules), which fails
+    # under inference mode. One image, no backward: the graph is dropped at once.
+    counter = FlopCounterMode(display=False)
+    with torch.enable_grad(), counter:
+        counted(one)
+    macs = counter.get_total_flops() // 2
     with torch.inference_mode():
-        counter = FlopCounterMode(display=False)
-        with counter:
-            model(one)
-        macs = counter.get_total_flops() // 2
         model(one)  # warm-up
         times = []
         for _ in range(repeats):

@@ -170,7 +170,12 @@ class Session:
         out = evaluate(
             variant, versions, cell.threat, data, indices, setup=setup, transfer=transfer, progress=self.progress
         )
-        eff = measure(variant.model, data.batch(indices[:1])[0].to(self.device), bits=variant.bits)
+        eff = measure(
+            variant.model,
+            data.batch(indices[:1])[0].to(self.device),
+            bits=variant.bits,
+            counted=variant.attack_model,
+        )
         row = {
             **self._key_columns(cell),
             **_scores(out, len(indices)),

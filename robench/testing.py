@@ -25,6 +25,8 @@ from robench.attack import Attack, sample_keys
 from robench.context import Context, DataShape, ImageData, Norm, Threat
 from robench.dataset import Dataset, Split
 from robench.defense import Defense
+from robench.training import Schedule
+from robench.training import train as fit
 
 hookimpl = pluggy.HookimplMarker("robench")
 TINY_SHAPE = DataShape(channels=1, height=12, width=12, num_classes=4, mean=(0.5,), std=(0.25,))
@@ -60,9 +62,20 @@ def tiny_data(n: int = 64, shape: DataShape = TINY_SHAPE, seed: int = 0) -> Imag
 
 
 def tiny_context(tmp: Path, seed: int = 0, preset: str = "smoke", shape: DataShape = TINY_SHAPE) -> Context:
-    """A build context over :func:`tiny_data` and :func:`tiny_model`."""
+    """A build context over :func:`tiny_data` and :func:`tiny_model`.
+
+    Its ``get_models`` (the model cache, for defenses that start from another defense's
+    model) returns ``{"model": ...}``: a tiny model trained for a few clean epochs, whatever
+    defense is asked for.
+    """
+    train = tiny_data(128, shape, seed)
+
+    def start_models(name: str, params: dict[str, object]) -> dict[str, nn.Module]:
+        ctx = Context(train, shape, lambda: tiny_model(shape, seed).train(), torch.device("cpu"), seed, preset, tmp)
+        return {"model": fit(ctx.new_model(), ctx, Schedule(epochs=5, batch_size=32, lr=0.05, momentum=0.9))}
+
     return Context(
-        train=tiny_data(128, shape, seed),
+        train=train,
         shape=shape,
         new_model=lambda: tiny_model(shape, seed).train(),
         device=torch.device("cpu"),
@@ -70,6 +83,7 @@ def tiny_context(tmp: Path, seed: int = 0, preset: str = "smoke", shape: DataSha
         preset=preset,
         cache_dir=tmp,
         default_eps=0.1,
+        get_models=start_models,
     )
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torchattacks
 from torch import Tensor, nn
 
 from robench.context import Context, ImageData
@@ -115,6 +116,28 @@ def train(
     bar.close()
     model.eval()
     return model
+
+
+def pgd_inputs(eps: float, steps: int, step_fraction: float, *, random_start: bool, ramp_steps: float = 0) -> InputFn:
+    """Training inputs: Linf PGD examples against the model being trained (Madry et al.).
+
+    ``step_fraction`` is the PGD step as a fraction of ``eps``. With ``ramp_steps`` > 0 the
+    eps grows linearly from 0 over that many training batches. torchattacks' PGD is used as
+    is: training needs reproducible draws, not robench's per-sample keyed ones.
+    """
+    step = 0
+
+    def inputs(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        nonlocal step
+        step += 1
+        eps_now = eps * min(1.0, step / ramp_steps) if ramp_steps else eps
+        attack = torchattacks.PGD(
+            model, eps=eps_now, alpha=step_fraction * eps_now, steps=steps, random_start=random_start
+        )
+        out: Tensor = attack(x, y)
+        return out
+
+    return inputs
 
 
 def _autocast(device: torch.device) -> contextlib.AbstractContextManager[object]:

@@ -15,7 +15,7 @@ from robench.testing import check_architecture, check_attack, check_dataset, che
 REGISTRIES = Registries.collect(get_plugin_manager())
 
 # Fast parameters so conformance runs in seconds; the defaults are exercised by the runner tests.
-FAST_DEFENSE_PARAMS = {"epochs": 1}
+FAST_DEFENSE_PARAMS: dict[str, dict[str, object]] = {"advft": {"finetune_epochs": 1, "attack_steps": 2}}
 FAST_ATTACK_PARAMS: dict[str, dict[str, object]] = {
     "pgd": {"steps": 3},
     "mifgsm": {"steps": 3},
@@ -37,7 +37,7 @@ def test_attack_conforms(name: str) -> None:
 
 @pytest.mark.parametrize("name", REGISTRIES.defenses.names())
 def test_defense_conforms(name: str) -> None:
-    check_defense(REGISTRIES.defenses.get(name), FAST_DEFENSE_PARAMS)
+    check_defense(REGISTRIES.defenses.get(name), FAST_DEFENSE_PARAMS.get(name, {"epochs": 1}))
 
 
 @pytest.mark.parametrize("name", REGISTRIES.datasets.names())
