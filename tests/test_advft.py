@@ -94,11 +94,13 @@ def test_presets_resolve_and_schedules_follow_the_paper() -> None:
 # -- fitting, caching, int8 ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("compression", ["none", "prune", "ptq"])
+@pytest.mark.parametrize("compression", ["none", "prune", "ptq", "qat"])
 def test_fit_compresses_fine_tunes_and_reloads_into_its_skeleton(
     tmp_path: Path, parent: nn.Module, compression: str
 ) -> None:
-    defense = AdverFine.create({**FAST, "compression": compression, "sparsity": 0.5})
+    # qat: quantization-aware adversarial training from scratch, as the paper's Table 5 row
+    extra = {"start": "scratch", "finetune_epochs": 30, "lr": 0.05} if compression == "qat" else {}
+    defense = AdverFine.create({**FAST, "compression": compression, "sparsity": 0.5, **extra})
     ctx = context(tmp_path, parent)
     ((name, model),) = defense.fit(ctx).items()
     skeleton = defense.skeletons(ctx)[name]
@@ -110,7 +112,11 @@ def test_fit_compresses_fine_tunes_and_reloads_into_its_skeleton(
     parent_params = sum(p.numel() for p in parent.parameters())
     params = sum(p.numel() for p in fitted.attack_model.parameters())
     assert (params < parent_params) == (compression == "prune")
-    assert (fitted.bits, fitted.grad_model is not None) == ((8, True) if compression == "ptq" else (32, False))
+    quantized = compression in ("ptq", "qat")
+    assert (fitted.bits, fitted.grad_model is not None) == ((8, True) if quantized else (32, False))
+    if quantized:
+        assert isinstance(fitted.model, CpuOnly)
+        assert torch.equal(fitted.grad_model(x).argmax(1), fitted.model(x).argmax(1))
 
 
 def test_ptq_model_runs_integer_kernels_and_matches_its_twin(tmp_path: Path, parent: nn.Module) -> None:
