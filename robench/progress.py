@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -23,17 +24,48 @@ class _TqdmBar(ProgressBar):
         self._bar.close()
 
 
-class TqdmProgress(Progress):
-    """Bars on a terminal; none when stderr is not a terminal (CI), where only
-    :meth:`log` lines appear."""
+class _LogBar(ProgressBar):
+    """Off-terminal progress: one status line per ``every`` seconds (never per step), so a
+    long training phase in a CI log or a background run shows it is alive and when it ends."""
 
-    def __init__(self, bars: bool | None = None) -> None:
+    def __init__(self, total: int, desc: str, every: float) -> None:
+        self.total, self.desc, self.every = total, desc, every
+        self.done = 0
+        self.start = self.last = time.monotonic()
+
+    def update(self, n: int = 1, **postfix: float) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last < self.every or not self.total:
+            return
+        self.last = now
+        elapsed = now - self.start
+        left = elapsed * (self.total - self.done) / max(self.done, 1)
+        figures = "".join(f", {k}={v:.3g}" for k, v in postfix.items())
+        tqdm.write(
+            f"{self.desc}: {self.done}/{self.total} ({100 * self.done / self.total:.0f}%), "
+            f"{_clock(elapsed)} elapsed, ~{_clock(left)} left{figures}",
+            file=sys.stderr,
+        )
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s"
+
+
+class TqdmProgress(Progress):
+    """Bars on a terminal; off-terminal (CI logs, background runs) a status line per bar
+    every ``log_every`` seconds, besides the :meth:`log` lines."""
+
+    def __init__(self, bars: bool | None = None, log_every: float = 60.0) -> None:
         self.bars = sys.stderr.isatty() if bars is None else bars
+        self.log_every = log_every
 
     def bar(self, total: int, desc: str) -> ProgressBar:
-        """A tqdm bar, or a silent one off-terminal."""
+        """A tqdm bar, or a periodic status line off-terminal."""
         if not self.bars:
-            return ProgressBar()
+            return _LogBar(total, desc, self.log_every)
         return _TqdmBar(tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True))
 
     def log(self, message: str) -> None:
