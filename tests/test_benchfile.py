@@ -251,6 +251,29 @@ def test_the_shipped_benchmarks_parse(name: str) -> None:
     b = load_benchmark(ROOT / "benchmarks" / f"{name}.toml")
     assert b.name == name and {p.name for p in b.protocols} == {"whitebox-pgd", "blackbox-dverge"}
     assert b.seeds == (0,) and b.defenses[0] == PluginSpec.of("baseline")
+    assert "eio" in {d.name for d in b.defenses}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "benchmarks").glob("*.toml")), ids=lambda p: p.stem)
+def test_every_shipped_benchmark_plans(path: Path) -> None:
+    cells = plan(load_benchmark(path), Registries.collect(get_plugin_manager()))
+    assert cells and len({c.id for c in cells}) == len(cells)
+
+
+def test_the_advft_reproduction_names_the_papers_rows() -> None:
+    cells = plan(load_benchmark(ROOT / "benchmarks" / "advft-fashion.toml"), Registries.collect(get_plugin_manager()))
+    variants = {c.variant for c in cells}
+    assert variants == {
+        "model",
+        "f_std+AFT",
+        "P(f_std)",
+        "P(f_std)+SFT",
+        "P(f_std)+AFT",
+        "Q(f_std)",
+        "Q(f_std)+SFT",
+        "Q(f_std)+AFT",
+    }
+    assert {c.eps for c in cells} == {0.05}, "the paper's eps in pixel units (METHODS.md §3.3)"
 
 
 # -- the command line ------------------------------------------------------------------
