@@ -63,6 +63,7 @@ class ModelCache:
         models = defense.fit(ctx)
         seconds = time.perf_counter() - start
         self._save(folder, key, fingerprint, models, seconds)
+        shutil.rmtree(work, ignore_errors=True)  # the build's scratch space; the models are saved
         return models, seconds, folder.name
 
     def _load(self, folder: Path, defense: Defense, ctx: Context) -> dict[str, nn.Module] | None:

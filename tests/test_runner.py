@@ -259,5 +259,6 @@ def test_training_does_not_depend_on_the_global_random_state(pm: pluggy.PluginMa
         run_tiny(pm, tmp_path / str(state), eps=(0.2,))
         (path,) = (tmp_path / str(state) / "cache" / "models").glob("*/model.pt")
         weights.append(torch.load(path, weights_only=True))
+        assert [p.name for p in path.parent.parent.iterdir()] == [path.parent.name], "no scratch folders left"
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
