@@ -157,9 +157,17 @@ def plan_cmd(select: str | None, **opts: Any) -> None:
 @click.argument(
     "kind", required=False, type=click.Choice(["defenses", "attacks", "protocols", "datasets", "architectures"])
 )
-def list_cmd(kind: str | None) -> None:
-    """List defenses, attacks, protocols, datasets and architectures with the plugin providing each."""
+@click.argument("name", required=False)
+def list_cmd(kind: str | None, name: str | None) -> None:
+    """List defenses, attacks, protocols, datasets and architectures with the plugin providing each.
+
+    With a KIND and a NAME (`robench list defenses advft`), describe that plugin: its
+    documentation, every parameter with its type and default, and its presets.
+    """
     registries = _registries()
+    if kind and name:
+        click.echo(getattr(registries, kind).get(name).describe())
+        return
     for name in [kind] if kind else ["defenses", "attacks", "protocols", "datasets", "architectures"]:
         click.echo(f"{name}:")
         for entry_name, entry in getattr(registries, name):

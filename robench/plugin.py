@@ -8,6 +8,7 @@ parameters against those fields before any compute.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import types
 import typing
@@ -28,6 +29,28 @@ class Plugin:
         """The first line of the class docstring, for ``robench list``."""
         doc = (cls.__doc__ or "").strip()
         return doc.splitlines()[0] if doc else ""
+
+    @classmethod
+    def describe(cls) -> str:
+        """The whole docstring, each parameter with its type and default, and the presets
+        (for ``robench list KIND NAME``)."""
+        lines = [f"{cls.kind} {cls.name}", "", inspect.getdoc(cls) or "(no docstring)", ""]
+        fields: dict[str, dataclasses.Field[Any]] = (
+            {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        )
+        accepted = cls.accepted()
+        lines.append("parameters (defaults):" if accepted else "parameters: none")
+        for key, tp in accepted.items():
+            default = fields[key].default
+            shown = "required" if default is dataclasses.MISSING else repr(default)
+            lines.append(f"  {key}: {_type_name(tp)} = {shown}")
+        presets: Mapping[str, Mapping[str, object]] = getattr(cls, "presets", {})
+        if presets:
+            lines += ["", "presets (override the defaults; parameters you give override both):"]
+            for preset, values in presets.items():
+                shown = ", ".join(f"{k}={v!r}" for k, v in values.items()) or "the defaults"
+                lines.append(f"  {preset}: {shown}")
+        return "\n".join(lines)
 
     @classmethod
     def accepted(cls) -> dict[str, Any]:

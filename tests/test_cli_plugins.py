@@ -100,6 +100,16 @@ def test_list_one_kind_shows_only_that_kind() -> None:
     assert not set(listed) - {"attacks"}
 
 
+def test_list_kind_name_describes_one_plugin_with_defaults_and_presets() -> None:
+    out = invoke("list", "defenses", "advft").output
+    assert out.startswith("defense advft\n\nCompress a trained model")
+    assert "  compression: 'none' | 'prune' | 'ptq' | 'qat' = 'none'\n" in out
+    assert "  smoke: finetune_epochs=1, train_subset=5000" in out
+    assert "  steps: int = 50\n" in invoke("list", "protocols", "whitebox-pgd").output
+    result = CliRunner().invoke(cli, ["list", "defenses", "advf"])
+    assert result.exit_code != 0 and "Did you mean: advft" in str(result.exception)
+
+
 def test_list_rejects_an_unknown_kind() -> None:
     result = CliRunner().invoke(cli, ["list", "losses"])
     assert result.exit_code == 2
