@@ -31,7 +31,10 @@ Hyperparameters (METHODS.md §3.3-§3.4, recovered from the authors' code):
 * PTQ: INT8, calibrated on 2000 random training images.
 
 The ``smoke`` preset keeps the structure on a 2-core CPU budget: 1 fine-tuning epoch on
-5000 images with 10-step PGD.
+5000 images with 10-step PGD. ``robench run --defense advft --attack pgd`` (smoke baseline
+start, then f_std+AFT) took 3 min 38 s on the 2-core CPU with another job running
+(2026-11-26): 70.6 % clean, 54.4 % robust at eps 0.1 (PGD-20 x 5, n = 1000).
+Fashion-MNIST reproduction: benchmarks/advft-fashion.toml and .md.
 """
 
 from __future__ import annotations
