@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
 
 import pluggy
 import pytest
 
+from robench import cli
 from robench.pluginmanager import DISABLE_ENV, TRACE_ENV, get_plugin_manager
 
 # -- Plugin host: fresh managers and the fake third-party distribution -----------------
@@ -42,3 +44,23 @@ def fake_pm() -> Callable[..., pluggy.PluginManager]:
         return get_plugin_manager(group=FAKE_GROUP, disabled=disabled)
 
     return make
+
+
+Shell = Callable[[list[str]], tuple[int, str]]
+
+
+@pytest.fixture
+def shell(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Shell:
+    """The console entry point as the shell runs it: ``shell(args)`` -> (exit code, stdout + stderr)."""
+
+    def invoke(args: list[str]) -> tuple[int, str]:
+        monkeypatch.setattr(sys, "argv", ["robench", *args])
+        code = 0
+        try:
+            cli.main()
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        captured = capsys.readouterr()
+        return code, captured.out + captured.err
+
+    return invoke

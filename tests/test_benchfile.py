@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import importlib.metadata as md
-import sys
 import textwrap
 from pathlib import Path
 
 import pluggy
 import pytest
+from conftest import Shell
 
-from robench import benchfile, cli
+from robench import benchfile
 from robench.benchfile import load_benchmark
 from robench.config import Benchmark, PluginSpec
 from robench.errors import ConfigError
@@ -279,39 +279,23 @@ def test_the_advft_reproduction_names_the_papers_rows() -> None:
 # -- the command line ------------------------------------------------------------------
 
 
-def robench(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    """Run the console entry point as the shell would; return (exit code, stdout + stderr)."""
-    monkeypatch.setattr(sys, "argv", ["robench", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
-
-
-def test_plan_prints_the_cells_of_a_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_plan_prints_the_cells_of_a_file(tmp_path: Path, shell: Shell) -> None:
     path = write(tmp_path, FULL)
-    code, printed = robench(["plan", str(path)], monkeypatch, capsys)
+    code, printed = shell(["plan", str(path)])
     lines = printed.splitlines()
     assert code == 0 and lines[-1] == "100 cell(s)" and len(lines) == 101
     assert lines[0] == "fashion-mnist/cnn8/baseline/model/pgd[steps=20]/linf/eps=0.02/seed=0"
-    code, printed = robench(["plan", str(path), "-k", "my-transfer", "--batch-size", "7"], monkeypatch, capsys)
+    code, printed = shell(["plan", str(path), "-k", "my-transfer", "--batch-size", "7"])
     lines = printed.splitlines()
     assert code == 0 and lines[-1] == "16 cell(s)" and all("/my-transfer/" in line for line in lines[:-1])
 
 
-def test_grid_flags_cannot_be_given_with_a_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_grid_flags_cannot_be_given_with_a_file(tmp_path: Path, shell: Shell) -> None:
     path = write(tmp_path, MINIMAL)
-    code, printed = robench(["plan", str(path), "--eps", "0.1", "-D", "epochs=1"], monkeypatch, capsys)
+    code, printed = shell(["plan", str(path), "--eps", "0.1", "-D", "epochs=1"])
     assert code == 2 and "Traceback" not in printed
     assert f"error: --defense-param, --eps cannot be combined with a benchmark file ({path})" in printed
-    code, printed = robench(["run", str(path), "--defense", "advt", "--out", str(tmp_path / "x")], monkeypatch, capsys)
+    code, printed = shell(["run", str(path), "--defense", "advt", "--out", str(tmp_path / "x")])
     assert code == 2 and "--defense cannot be combined with a benchmark file" in printed
     assert not (tmp_path / "x").exists()
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,11 +19,11 @@ from typing import Any, ClassVar
 import numpy as np
 import pluggy
 import pytest
+from conftest import Shell
 from scipy import stats
 from torch import nn
 
 import robench
-from robench import cli
 from robench.check import KEY_COLUMNS, RunFolderError, check, load_run, mcnemar_p, two_proportion_p
 from robench.config import Benchmark, PluginSpec
 from robench.pluginmanager import get_plugin_manager
@@ -100,20 +99,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def robench_cli(
-    args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> tuple[int, str]:
-    """The console entry point as the shell runs it: (exit code, stdout + stderr)."""
-    monkeypatch.setattr(sys, "argv", ["robench", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
-
-
 def copy_run(src: Path, dst: Path) -> RunStore:
     shutil.copytree(src, dst)
     return RunStore(dst)
@@ -145,23 +130,19 @@ def test_two_proportion_z_test() -> None:
 # -- verdicts on real (tiny) runs --------------------------------------------------------
 
 
-def test_a_run_compared_with_itself_passes(
-    runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    code, out = robench_cli(["check", str(runs["base"]), "--baseline", str(runs["base"])], monkeypatch, capsys)
+def test_a_run_compared_with_itself_passes(runs: dict[str, Path], shell: Shell) -> None:
+    code, out = shell(["check", str(runs["base"]), "--baseline", str(runs["base"])])
     assert code == 0, out
     assert out.rstrip().endswith("check: 2 passed, 0 failed")
     assert {c.verdict for c in check(runs["base"], runs["base"]).cells} == {"ok"}
 
 
-def test_a_weakened_defense_is_caught(
-    runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_a_weakened_defense_is_caught(runs: dict[str, Path], shell: Shell) -> None:
     result = check(runs["regressed"], runs["base"])
     assert result.exit_code == 1 and result.count("regressed") >= 1
     cell = next(c for c in result.cells if c.verdict == "regressed")
     assert cell.test == "mcnemar" and cell.robust is not None and cell.robust.delta_points < -1
-    code, out = robench_cli(["check", str(runs["regressed"]), "--baseline", str(runs["base"])], monkeypatch, capsys)
+    code, out = shell(["check", str(runs["regressed"]), "--baseline", str(runs["base"])])
     assert code == 1 and "regressed: robust accuracy dropped" in out
     # the same drop is accepted by a tolerance wider than it
     assert check(runs["regressed"], runs["base"], tolerance=60).exit_code == 0
@@ -189,9 +170,7 @@ def test_mcnemar_when_the_same_samples_were_scored_else_z(runs: dict[str, Path],
     assert {c.test for c in check(runs["base"], other.path).cells} == {"z"}
 
 
-def test_missing_new_and_failed_cells_are_reported(
-    runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_missing_new_and_failed_cells_are_reported(runs: dict[str, Path], tmp_path: Path, shell: Shell) -> None:
     partial = copy_run(runs["base"], tmp_path / "partial")
     cells = partial.read_cells().sort_values("cell_id")
     (partial.path / "cells" / f"{cells.iloc[0]['cell_key']}.parquet").unlink()
@@ -200,7 +179,7 @@ def test_missing_new_and_failed_cells_are_reported(
     new = check(runs["base"], partial.path)
     assert new.exit_code == 0 and sorted(c.verdict for c in new.cells) == ["new", "ok"]
     # failed cells store no n, yet pair with their ok counterparts, both ways round
-    code, out = robench_cli(["check", str(runs["crashed"]), "--baseline", str(runs["base"])], monkeypatch, capsys)
+    code, out = shell(["check", str(runs["crashed"]), "--baseline", str(runs["base"])])
     assert code == 1 and out.count("failed: run cell failed: guarded.build: RuntimeError: out of cheese") == 2
     assert [c.verdict for c in check(runs["base"], runs["crashed"]).cells] == ["failed", "failed"]
 
@@ -214,39 +193,33 @@ def test_changed_parameters_are_missing_cells_that_name_the_column(runs: dict[st
         check(changed.path, runs["base"])
 
 
-def test_unusable_input_exits_2_with_the_reason(
-    runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    code, out = robench_cli(["check", str(tmp_path), "--baseline", str(runs["base"])], monkeypatch, capsys)
+def test_unusable_input_exits_2_with_the_reason(runs: dict[str, Path], tmp_path: Path, shell: Shell) -> None:
+    code, out = shell(["check", str(tmp_path), "--baseline", str(runs["base"])])
     assert code == 2 and "is not a robench run folder" in out
     old = copy_run(runs["base"], tmp_path / "old")
     table = old.read_cells()
     table["schema_version"] = 0
     old.rewrite_cells(table)
     (old.path / "manifest.json").unlink()
-    code, out = robench_cli(["check", str(runs["base"]), "--baseline", str(old.path)], monkeypatch, capsys)
+    code, out = shell(["check", str(runs["base"]), "--baseline", str(old.path)])
     assert code == 2 and "results schema version 0, this robench reads version 1" in out
     manifest = copy_run(runs["base"], tmp_path / "manifest")
     data = json.loads((manifest.path / "manifest.json").read_text())
     (manifest.path / "manifest.json").write_text(json.dumps({**data, "schema_version": 2}))
     with pytest.raises(RunFolderError, match="schema version 2"):
         load_run(manifest.path)
-    code, out = robench_cli(
-        ["check", str(runs["base"]), "--baseline", str(runs["base"]), "--json", "--markdown"], monkeypatch, capsys
-    )
+    code, out = shell(["check", str(runs["base"]), "--baseline", str(runs["base"]), "--json", "--markdown"])
     assert code == 2 and "alternatives" in out
 
 
-def test_json_and_markdown_outputs(
-    runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_json_and_markdown_outputs(runs: dict[str, Path], shell: Shell) -> None:
     args = ["check", str(runs["regressed"]), "--baseline", str(runs["base"])]
-    code, out = robench_cli([*args, "--json"], monkeypatch, capsys)
+    code, out = shell([*args, "--json"])
     data = json.loads(out)
     assert code == 1 and data["passed"] is False and data["key_columns"] == list(KEY_COLUMNS)
     verdicts = {c["verdict"] for c in data["cells"]}
     assert "regressed" in verdicts and all(c["test"] == "mcnemar" for c in data["cells"])
     assert all(0 <= c["robust"]["p_drop"] <= 1 for c in data["cells"])
-    code, out = robench_cli([*args, "--markdown", "--alpha", "0.01"], monkeypatch, capsys)
+    code, out = shell([*args, "--markdown", "--alpha", "0.01"])
     assert code == 1 and out.startswith("### \u274c robench check FAILED")
     assert "| cell | robust % (baseline \u2192 run) |" in out and "p < 0.01" in out

@@ -8,13 +8,12 @@ schema, resume, and that adversarial training is far more robust than the baseli
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import Shell
 
-from robench import cli
 from robench.plugins.fashion_mnist import FashionMNIST
 from robench.storage import CELL_SCHEMA, SAMPLE_SCHEMA, RunStore
 
@@ -48,18 +47,6 @@ ARGS = [
 ]
 
 
-def robench(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    """Run the console entry point exactly as the shell would; return (exit code, stdout + stderr)."""
-    monkeypatch.setattr(sys, "argv", ["robench", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
-
-
 @pytest.fixture(scope="module")
 def have_data() -> None:
     try:
@@ -68,12 +55,10 @@ def have_data() -> None:
         pytest.skip(f"Fashion-MNIST not available: {exc}")
 
 
-def test_real_run_baseline_vs_advt(
-    have_data: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_real_run_baseline_vs_advt(have_data: None, tmp_path: Path, shell: Shell) -> None:
     out_dir = tmp_path / "run"
     args = [*ARGS, "--out", str(out_dir), "--cache-dir", str(tmp_path / "cache")]
-    code, printed = robench(args, monkeypatch, capsys)
+    code, printed = shell(args)
     assert code == 0, printed
     assert "baseline" in printed and "advt" in printed and "robust %" in printed
 
@@ -91,25 +76,23 @@ def test_real_run_baseline_vs_advt(
     assert len(manifest["eval_indices"]["fashion-mnist"]) == 300
 
     # Running again reuses everything: no training, no attack, same table.
-    code, again = robench(args, monkeypatch, capsys)
+    code, again = shell(args)
     assert code == 0 and "2 cell(s) reused" in again
     assert printed.splitlines()[:3] == again.splitlines()[:3]
 
 
-def test_show_prints_a_stored_run(
-    have_data: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    code, _ = robench(["show", str(tmp_path)], monkeypatch, capsys)
+def test_show_prints_a_stored_run(have_data: None, tmp_path: Path, shell: Shell) -> None:
+    code, _ = shell(["show", str(tmp_path)])
     assert code == 2  # not a run folder: a clear error, no traceback
-    code, printed = robench(["show", "--schema"], monkeypatch, capsys)
+    code, printed = shell(["show", "--schema"])
     assert code == 0 and "robust_acc" in printed and "Wilson" in printed
 
 
-def test_user_errors_exit_2_before_compute(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    code, printed = robench(["run", "--defense", "basline"], monkeypatch, capsys)
+def test_user_errors_exit_2_before_compute(shell: Shell) -> None:
+    code, printed = shell(["run", "--defense", "basline"])
     assert code == 2 and "error: unknown defense 'basline'. Did you mean: baseline?" in printed
     assert "Traceback" not in printed
-    code, printed = robench(["run", "-D", "epoch=3"], monkeypatch, capsys)
+    code, printed = shell(["run", "-D", "epoch=3"])
     assert code == 2 and "unknown parameter(s) epoch" in printed and "epochs: int" in printed
-    code, printed = robench(["run", "-D", "avdt.eps=0.1"], monkeypatch, capsys)
+    code, printed = shell(["run", "-D", "avdt.eps=0.1"])
     assert code == 2 and "'avdt' is not one of the plugins in this run" in printed
