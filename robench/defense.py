@@ -48,10 +48,20 @@ class Defense(Plugin, ABC):
 
     ``presets`` maps a preset name (``smoke``, ``paper``) to parameter values; user
     parameters override the preset. Field defaults should be the paper's values.
+
+    ``revision`` versions the defense's code: bump it whenever a change would give other
+    models for the same parameters (another algorithm step, a quantization scheme), so that
+    models cached and cells stored by the old code are never reused as the new code's.
     """
 
     kind: ClassVar[str] = "defense"
+    revision: ClassVar[int] = 1
     presets: ClassVar[Mapping[str, Mapping[str, object]]] = {"smoke": {}, "paper": {}}
+
+    def model_revision(self) -> int:
+        """The revision of the models these parameters give (part of the model key): the
+        class's ``revision``, unless a change moved only some of a defense's models."""
+        return self.revision
 
     def variant_names(self) -> tuple[str, ...]:
         """Names of the variants :meth:`fit` returns; known before any compute, for planning."""

@@ -33,10 +33,13 @@ class ModelKey:
     defense_label: str  # readable: name plus the user's parameters
     seed: int
     preset: str
+    revision: int = 1  # Defense.model_revision(): bumped when the defense's models would change
 
     def digest(self) -> str:
         """Content hash of the key (the model cache's directory name)."""
-        fields = [self.dataset, self.arch, self.defense, self.defense_params, self.seed]
+        fields: list[object] = [self.dataset, self.arch, self.defense, self.defense_params, self.seed]
+        if self.revision != 1:  # so that keys (and cached models) of revision-1 defenses never moved
+            fields.append(self.revision)
         return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
 
 
@@ -79,6 +82,11 @@ class Cell:
     def threat(self) -> Threat:
         """The cell's threat model."""
         return Threat(self.norm, self.eps)
+
+
+def model_key(defense: Defense, dataset: str, arch: str, spec: PluginSpec, seed: int, preset: str) -> ModelKey:
+    """The key of the resolved ``defense`` (from ``spec`` and ``preset``) on ``dataset``/``arch``."""
+    return ModelKey(dataset, arch, spec.name, defense.canonical(), spec.label(), seed, preset, defense.model_revision())
 
 
 def resolve_defense(registries: Registries, spec: PluginSpec, preset: str, dataset: str) -> Defense:
@@ -138,7 +146,7 @@ def plan(benchmark: Benchmark, registries: Registries) -> list[Cell]:
         eps_grid = _eps_grid(benchmark, registries, dataset)
         for arch, spec, seed in itertools.product(benchmark.archs, benchmark.defenses, benchmark.seeds):
             defense = resolve_defense(registries, spec, benchmark.preset, dataset)
-            key = ModelKey(dataset, arch, spec.name, defense.canonical(), spec.label(), seed, benchmark.preset)
+            key = model_key(defense, dataset, arch, spec, seed, benchmark.preset)
             for variant, protocol, eps in itertools.product(defense.variant_names(), protocols, eps_grid):
                 cells.append(
                     Cell(key, variant, protocol, benchmark.norm, eps, benchmark.n_samples, benchmark.sample_seed)

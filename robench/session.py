@@ -24,7 +24,7 @@ from robench.config import Benchmark, PluginSpec
 from robench.context import Context, ImageData, Progress
 from robench.efficiency import measure
 from robench.evaluate import Outcome, Setup, evaluate, generate
-from robench.grid import Cell, ModelKey, resolve_defense
+from robench.grid import Cell, ModelKey, model_key, resolve_defense
 from robench.metrics import accuracy, count, wilson_interval
 from robench.modelcache import ModelCache, data_fingerprint
 from robench.protocol import Surrogate
@@ -87,8 +87,7 @@ class Session:
     def model_key(self, dataset: str, arch: str, spec: PluginSpec, seed: int) -> ModelKey:
         """The key of ``spec`` (preset applied) on ``dataset``/``arch`` with ``seed``."""
         preset = self.benchmark.preset
-        defense = resolve_defense(self.registries, spec, preset, dataset)
-        return ModelKey(dataset, arch, spec.name, defense.canonical(), spec.label(), seed, preset)
+        return model_key(resolve_defense(self.registries, spec, preset, dataset), dataset, arch, spec, seed, preset)
 
     def context(self, key: ModelKey) -> Context:
         """The build context for ``key``'s defense."""

@@ -122,6 +122,11 @@ class AdverFine(robench.Defense):
         """Whether the variant predicts with an integer model."""
         return self.compression in ("ptq", "qat")
 
+    def model_revision(self) -> int:
+        """Quantized models are at revision 2: QNNPACK kernels with full-range activations
+        (quant.py) replaced x86's, whose int8 models differed by CPU. Other models: 1."""
+        return 2 if self.quantized else 1
+
     def notation(self) -> str:
         """The variant's name in the paper's notation, e.g. ``P(f_std)+AFT``."""
         compressed = _COMPRESSION_NOTATION[self.compression].format(_START_NOTATION[self.start])

@@ -10,11 +10,27 @@ project pins (<= 2.14.1); its deprecation warning is silenced here, the one plac
 uses it.
 
 Scheme (METHODS.md §3.4): weights symmetric per output channel (qint8, [-127, 127]),
-activations asymmetric per tensor (quint8, [0, 255]), both from moving-average min/max
-observers. Using the full [0, 255] range (not x86's default 7-bit ``reduce_range``) makes
-the twin clamp exactly where the integer kernels saturate, so the twin stays faithful on
-inputs (adversarial ones) that leave the calibrated range.
+activations asymmetric per tensor (quint8, the full [0, 255]), both from moving-average
+min/max observers. The twin clamps exactly where the integer model clamps, so it stays
+faithful on inputs (adversarial ones) that leave the calibrated range.
 
+Why the QNNPACK engine and not x86's fbgemm/oneDNN (:data:`ENGINE`): the integer model must
+compute the same function on every x86-64 CPU, and that function must be the twin's.
+fbgemm's and oneDNN's u8 x s8 kernels on CPUs without VNNI (AVX2 only) multiply with
+``vpmaddubsw``, which adds pairs of products in *saturating int16*: with full-range
+activations two products of 255 x 127 overflow it, and the deployed model silently
+computes something else than on an AVX-512-VNNI CPU (seen: logits 6.4 apart from the twin
+on an AVX2 EPYC, none on a VNNI Xeon). x86's usual fix, 7-bit activations
+(``reduce_range``), only moves the problem: the converted model still quantizes to
+[0, 255], so any activation past the calibrated maximum (which an attack produces, and a
+moving-average observer leaves below the data's maximum) reaches the saturating range
+again while the twin clamps at 127 (measured: 3.3 logits apart in range, 8 to 27 beyond).
+QNNPACK's kernels (and the XNNPACK ones torch routes some of its ops to) accumulate in
+exact int32 and requantize with one float multiply and round-to-nearest: integer
+arithmetic with no ISA-dependent step, so every x86-64 (and ARM) CPU computes the same
+logits, and they differ from the twin's float simulation only where a value falls within
+rounding of a quantization boundary (at most a step or two of the output scale). The cost
+is speed: about 3x slower than fbgemm on cnn8 at batch 512; latency columns say so.
 The twin is the model gradient attacks differentiate: ``torch.fake_quantize_*`` has a
 straight-through gradient (identity inside the clamp range), so attacks see the integer
 model's function without the zero gradients of rounding (METHODS.md §6.2).
@@ -38,17 +54,20 @@ from torch.ao.quantization import (
     disable_observer,
     enable_observer,
 )
+from torch.ao.quantization.backend_config import get_qnnpack_backend_config
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
 
 from robench.context import ImageData
 from robench.training import iterate, subset_indices
 
-ENGINE = "x86"
+# The quantized engine every int8 model is converted for and run with (see the docstring),
+# recorded in each quantized row's provenance (``quantized_engine``).
+ENGINE = "qnnpack"
 
 
 @contextmanager
 def _fx() -> Iterator[None]:
-    """Silence the FX flow's deprecation warning and select the x86 integer kernels."""
+    """Silence the FX flow's deprecation warning and select :data:`ENGINE`'s integer kernels."""
     torch.backends.quantized.engine = ENGINE
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.ao")
@@ -84,7 +103,12 @@ def fake_quantized(model: nn.Module, example: Tensor) -> nn.Module:
     quantize step, as in the converted model.
     """
     with _fx():
-        twin = prepare_qat_fx(copy.deepcopy(model).train(), qconfig_mapping(), (example.cpu(),))
+        twin = prepare_qat_fx(
+            copy.deepcopy(model).train(),
+            qconfig_mapping(),
+            (example.cpu(),),
+            backend_config=get_qnnpack_backend_config(),
+        )
     return twin.eval()
 
 
@@ -114,7 +138,7 @@ def calibrate(twin: nn.Module, data: ImageData, n: int, seed: int, batch_size: i
 def to_int8(twin: nn.Module) -> nn.Module:
     """The integer model of a frozen twin, runnable on any device (it computes on the CPU)."""
     with _fx():
-        model = convert_fx(copy.deepcopy(freeze(twin)).cpu())
+        model = convert_fx(copy.deepcopy(freeze(twin)).cpu(), backend_config=get_qnnpack_backend_config())
     return CpuOnly(model)
 
 
