@@ -24,6 +24,9 @@ class Variant:
         differentiable (e.g. the fake-quant twin of an int8 model); ``None`` means ``model``
     :param randomized: whether prediction is random (random gates); attacks then use EOT
     :param bits: bits per stored weight, for the model-size column
+    :param quantized_engine: for an integer model, the ``torch.backends.quantized`` engine
+        whose kernels it runs (``qnnpack``, ``x86``, ...): recorded in the row's provenance,
+        since int8 kernels of different engines need not compute the same
     """
 
     name: str
@@ -31,6 +34,7 @@ class Variant:
     grad_model: nn.Module | None = None
     randomized: bool = False
     bits: int = 32
+    quantized_engine: str = ""
 
     @property
     def attack_model(self) -> nn.Module:

@@ -14,6 +14,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -47,20 +49,27 @@ class ModelCache:
         return self.root / "models" / digest
 
     def get(
-        self, key: ModelKey, defense: Defense, ctx: Context, fingerprint: str
+        self, key: ModelKey, defense: Defense, context: Callable[[], Context], fingerprint: str
     ) -> tuple[dict[str, nn.Module], float, str]:
-        """(variant -> model, build seconds (0 if loaded), cache folder name)."""
+        """(variant -> model, build seconds (0 if loaded), cache folder name).
+
+        ``context`` makes a fresh build context: loading and building each get their own,
+        so a failed load (which made skeletons) leaves no trace in the build.
+        """
         folder = self.folder(key, fingerprint)
         if (folder / "meta.json").exists():
+            ctx = context()
             models = self._load(folder, defense, ctx)
             if models is not None:
                 return models, 0.0, folder.name
             ctx.progress.log(f"model cache {folder} is corrupt; rebuilding it")
             shutil.rmtree(folder, ignore_errors=True)
+        ctx = context()
         start = time.perf_counter()
         work = ctx.cache_dir
         work.mkdir(parents=True, exist_ok=True)
-        models = defense.fit(ctx)
+        with seeded_global_rng(key):
+            models = defense.fit(ctx)
         seconds = time.perf_counter() - start
         self._save(folder, key, fingerprint, models, seconds)
         shutil.rmtree(work, ignore_errors=True)  # the build's scratch space; the models are saved
@@ -104,6 +113,23 @@ class ModelCache:
             os.replace(tmp, folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def seeded_global_rng(key: ModelKey) -> Iterator[None]:
+    """Run a build with torch's global generator seeded from ``key`` and restored afterwards.
+
+    Defenses draw from explicit generators (``Context.generator``), but library code
+    (torchattacks' random starts, dropout, ``nn.init``) draws from the global one. Seeding
+    it from the key makes such draws a function of the key, whatever ran before in the
+    process (another build, an attack, a failed cache load); restoring it keeps a build
+    from shifting the draws of whatever runs after it. A nested build (a defense that
+    starts from another defense's model) forks again, so its being cached or not does not
+    change the outer build either.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(key.digest(), 16) % 2**63)
+        yield
 
 
 def _sha256(path: Path) -> str:

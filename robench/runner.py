@@ -24,6 +24,7 @@ from robench.executor import Executor, LocalExecutor
 from robench.flags import update_flags
 from robench.grid import Cell, ModelKey, plan
 from robench.modelcache import ModelCache
+from robench.numerics import cpu_provenance
 from robench.pluginmanager import plugin_infos
 from robench.registry import Registries
 from robench.session import Group, Session
@@ -120,6 +121,7 @@ def _provenance(pm: pluggy.PluginManager, benchmark: Benchmark, device: torch.de
         "plugins": json.dumps(plugins, sort_keys=True),
         "torch_version": torch.__version__,
         "device": str(device),
+        **cpu_provenance(),
         "git_revision": _git_revision(),
         "config_hash": benchmark.config_hash(),
     }

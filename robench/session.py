@@ -113,8 +113,8 @@ class Session:
     def models(self, key: ModelKey) -> tuple[dict[str, nn.Module], float, str]:
         """Build (or load) the models of ``key``: (variant -> model, build seconds, cache name)."""
         defense = self.defense(key)
-        ctx = self.context(key)
-        return self.cache.get(key, defense, ctx, data_fingerprint(ctx.train))
+        fingerprint = data_fingerprint(self.data(key.dataset, "train"))
+        return self.cache.get(key, defense, lambda: self.context(key), fingerprint)
 
     def defense(self, key: ModelKey) -> robench.Defense:
         """The resolved defense instance of ``key``."""
@@ -183,6 +183,7 @@ class Session:
             "n_versions": len(versions),
             "exhaustive": self.benchmark.exhaustive,
             "randomized": variant.randomized,
+            "quantized_engine": variant.quantized_engine,
             "eot": p.eot if variant.randomized else 0,
             "votes": p.votes if variant.randomized else 1,
             "params": eff.params,

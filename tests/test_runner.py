@@ -262,3 +262,29 @@ def test_training_does_not_depend_on_the_global_random_state(pm: pluggy.PluginMa
         assert [p.name for p in path.parent.parent.iterdir()] == [path.parent.name], "no scratch folders left"
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def _cached_states(cache: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {str(p.relative_to(cache)): torch.load(p, weights_only=True) for p in sorted(cache.glob("models/*/*.pt"))}
+
+
+def test_a_build_is_a_function_of_its_key_alone(pm: pluggy.PluginManager, tmp_path: Path) -> None:
+    """Same key, bit-identical weights: after a damaged cache entry, after other builds and
+    attacks in the same process, and with the groups in another order."""
+    advt = PluginSpec.of("advt", {"epochs": 1, "attack_steps": 2})
+    defenses = (tiny_benchmark().defenses[0], advt)
+    run_tiny(pm, tmp_path, "first", defenses=defenses)
+    first = _cached_states(tmp_path / "cache")
+    assert len(first) == 2
+    for path in (tmp_path / "cache").glob("models/*/*.pt"):
+        path.write_bytes(path.read_bytes()[:-64])  # damaged: the sha256 check fails
+    torch.rand(1000)  # other work drew from the global generator
+    run_tiny(pm, tmp_path, "other", defenses=(PluginSpec.of("baseline", {"epochs": 1, "lr": 0.01}),))
+    run_tiny(pm, tmp_path, "again", defenses=defenses[::-1])
+    rebuilt = _cached_states(tmp_path / "cache")
+    for name, state in first.items():
+        assert set(state) == set(rebuilt[name])
+        assert all(torch.equal(state[k], rebuilt[name][k]) for k in state), f"{name} was rebuilt differently"
+    before = torch.random.get_rng_state()
+    run_tiny(pm, tmp_path, "fresh", defenses=(PluginSpec.of("baseline", {"epochs": 2}),))
+    assert torch.equal(before, torch.random.get_rng_state()), "a build must not move the global generator"

@@ -48,7 +48,7 @@ from torch import nn
 
 import robench
 from robench.plugins.advft.prune import prune_filters
-from robench.plugins.advft.quant import calibrate, fake_quantized, freeze, thaw, to_int8
+from robench.plugins.advft.quant import ENGINE, calibrate, fake_quantized, freeze, thaw, to_int8
 from robench.training import InputFn, Schedule, pgd_inputs, train
 
 __all__ = ["AdverFine"]
@@ -180,7 +180,7 @@ class AdverFine(robench.Defense):
         if not self.quantized:
             return robench.Variant(name=name, model=model)
         twin = freeze(model)
-        return robench.Variant(name=name, model=to_int8(twin), grad_model=twin, bits=self.bits)
+        return robench.Variant(name=name, model=to_int8(twin), grad_model=twin, bits=self.bits, quantized_engine=ENGINE)
 
     def _start_model(self, ctx: robench.Context) -> nn.Module:
         if self.start == "scratch":
