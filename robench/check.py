@@ -108,6 +108,8 @@ class CheckResult:
     tolerance: float
     alpha: float
     cells: tuple[CellCheck, ...]
+    notes: tuple[str, ...] = ()
+    """What differs between the two runs' machines (CPU capability, threads, int8 engine)."""
 
     def count(self, verdict: str) -> int:
         """Number of cells with this verdict."""
@@ -224,7 +226,37 @@ def check(run: Path, baseline: Path, tolerance: float = 1.0, alpha: float = 0.05
     if all(c.verdict == "missing" for c in out):
         raise RunFolderError(_nothing_in_common(new, old))
     out += [CellCheck(str(r["cell_id"]), "new", "not in the baseline") for r in unmatched.values()]
-    return CheckResult(Path(run), Path(baseline), tolerance, alpha, tuple(out))
+    return CheckResult(Path(run), Path(baseline), tolerance, alpha, tuple(out), machine_notes(new.cells, old.cells))
+
+
+MACHINE_COLUMNS = {
+    "cpu_capability": "CPU capability",
+    "cpu_pins": "ISA pins",
+    "threads": "threads",
+    "quantized_engine": "int8 engine",
+    "device": "device",
+}
+"""Provenance columns that change numbers without any change of code."""
+
+
+def machine_notes(run: pd.DataFrame, baseline: pd.DataFrame) -> tuple[str, ...]:
+    """A note per machine fact (:data:`MACHINE_COLUMNS`) that differs between the two runs."""
+
+    def values(table: pd.DataFrame, column: str) -> str:
+        if column not in table:
+            return "not recorded"
+        found = sorted({str(v) for v in table[column].dropna() if str(v) not in ("", "{}")})
+        return ", ".join(found) or ("not recorded" if table[column].isna().all() else "none")
+
+    notes = []
+    for column, label in MACHINE_COLUMNS.items():
+        old, new = values(baseline, column), values(run, column)
+        if old != new:
+            notes.append(
+                f"{label}: baseline {old}, run {new}. Float kernels differ between CPUs and thread counts, so "
+                "models trained on them differ: compare stored models (robench run --models) for a paired check"
+            )
+    return tuple(notes)
 
 
 def _keyed(data: RunData) -> dict[tuple[Any, ...], pd.Series]:
@@ -351,7 +383,8 @@ def format_text(result: CheckResult) -> str:
     rows = [list(_HEADERS), *_rows(result, "->")]
     widths = [max(len(r[i]) for r in rows) for i in range(len(_HEADERS))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    return "\n".join([*lines, "", summary(result), closing_line(result)])
+    notes = [f"note: {n}" for n in result.notes]
+    return "\n".join([*lines, "", *notes, summary(result), closing_line(result)])
 
 
 def format_markdown(result: CheckResult) -> str:
@@ -359,7 +392,8 @@ def format_markdown(result: CheckResult) -> str:
     title = "passed" if result.passed else "FAILED"
     mark = "\u2705" if result.passed else "\u274c"
     head = ["cell", "robust % (baseline \u2192 run)", "p", "clean % (baseline \u2192 run)", "p", "test", "verdict"]
-    lines = [f"### {mark} robench check {title}", "", summary(result), "", _md_row(head), _md_row(["---"] * 7)]
+    notes = [f"> note: {n}" for n in result.notes]
+    lines = [f"### {mark} robench check {title}", "", summary(result), "", *notes, *([""] if notes else []), _md_row(head), _md_row(["---"] * 7)]
     for row in _rows(result, "\u2192"):
         row[0] = f"`{row[0]}`"
         row[-1] = f"**{row[-1]}**" if row[-1].split(":")[0] in FAILING else row[-1]
@@ -391,5 +425,6 @@ def to_json(result: CheckResult) -> str:
         "counts": {v: result.count(v) for v in VERDICTS},
         "key_columns": list(KEY_COLUMNS),
         "cells": cells,
+        "notes": list(result.notes),
     }
     return json.dumps(data, indent=2)

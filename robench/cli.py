@@ -103,13 +103,27 @@ _SELECT = click.option("-k", "select", default=None, help="Only cells whose id c
     help="Model cache (default: $ROBENCH_CACHE or ~/.cache/robench).",
 )
 @click.option(
+    "--models",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Evaluate the models stored in this folder (a model cache's models/, e.g. a baseline's) and build "
+    "none: fails before any compute if one of the grid's models is not there. Transfer sets still go to "
+    "--cache-dir.",
+)
+@click.option(
     "--exhaustive",
     is_flag=True,
     help="Run every version on every sample (no early exit); same accuracies, full per-version outcomes.",
 )
 @_SELECT
 def run(
-    device: str, out: Path | None, cache_dir: Path | None, exhaustive: bool, select: str | None, **opts: Any
+    device: str,
+    out: Path | None,
+    cache_dir: Path | None,
+    models: Path | None,
+    exhaustive: bool,
+    select: str | None,
+    **opts: Any,
 ) -> None:
     """Build defenses, attack them, print the table and store it (finished cells are skipped).
 
@@ -130,6 +144,7 @@ def run(
         device=device,
         progress=TqdmProgress(),
         select=select,
+        models=models,
     )
     table = RunStore(run_dir).read_cells()
     click.echo(format_table(table[table["cell_key"].isin([r.row["cell_key"] for r in summary.results])]))

@@ -24,6 +24,7 @@ from torch import nn
 
 from robench.context import Context, ImageData
 from robench.defense import Defense
+from robench.errors import CacheError
 from robench.grid import ModelKey
 
 FORMAT_VERSION = 1
@@ -38,15 +39,32 @@ def data_fingerprint(data: ImageData) -> str:
 
 
 class ModelCache:
-    """Builds each model key once; later calls load it from disk."""
+    """Builds each model key once; later calls load it from disk.
 
-    def __init__(self, root: Path) -> None:
+    With ``frozen`` (a ``models/`` folder of another cache, e.g. one committed beside a
+    baseline run), models are only ever loaded from there, never built: a model that is not
+    there raises :class:`CacheError`. That evaluates exactly the stored models, whatever the
+    CPU would have trained.
+    """
+
+    def __init__(self, root: Path, frozen: Path | None = None) -> None:
         self.root = Path(root)
+        self.frozen = None if frozen is None else Path(frozen)
 
     def folder(self, key: ModelKey, fingerprint: str) -> Path:
         """Where the models of ``key`` trained on data ``fingerprint`` live."""
         digest = hashlib.sha256(f"{key.digest()}:{fingerprint}:{FORMAT_VERSION}".encode()).hexdigest()[:16]
-        return self.root / "models" / digest
+        return (self.frozen if self.frozen is not None else self.root / "models") / digest
+
+    def require(self, key: ModelKey, fingerprint: str) -> None:
+        """With ``frozen``: raise :class:`CacheError` unless ``key``'s models are stored there."""
+        folder = self.folder(key, fingerprint)
+        if self.frozen is not None and not (folder / "meta.json").is_file():
+            raise CacheError(
+                f"model {key.dataset}/{key.arch}/{key.defense_label}/seed={key.seed} is not in {self.frozen} "
+                f"(looked for {folder.name}/); the stored models were built for another grid or another "
+                "robench: regenerate them (README, 'Regression checks'), or run without --models to build it"
+            )
 
     def get(
         self, key: ModelKey, defense: Defense, context: Callable[[], Context], fingerprint: str
@@ -62,8 +80,11 @@ class ModelCache:
             models = self._load(folder, defense, ctx)
             if models is not None:
                 return models, 0.0, folder.name
+            if self.frozen is not None:
+                raise CacheError(f"stored model {folder} does not load (damaged, or saved by other code)")
             ctx.progress.log(f"model cache {folder} is corrupt; rebuilding it")
             shutil.rmtree(folder, ignore_errors=True)
+        self.require(key, fingerprint)
         ctx = context()
         start = time.perf_counter()
         work = ctx.cache_dir

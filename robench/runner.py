@@ -23,7 +23,7 @@ from robench.errors import ConfigError
 from robench.executor import Executor, LocalExecutor
 from robench.flags import update_flags
 from robench.grid import Cell, ModelKey, plan
-from robench.modelcache import ModelCache
+from robench.modelcache import ModelCache, data_fingerprint
 from robench.numerics import cpu_provenance
 from robench.pluginmanager import plugin_infos
 from robench.registry import Registries
@@ -56,6 +56,7 @@ def run(
     executor: Executor | None = None,
     progress: Progress | None = None,
     select: str | None = None,
+    models: Path | None = None,
 ) -> Summary:
     """Plan, build, attack, score and store ``benchmark``; finished cells are skipped.
 
@@ -75,7 +76,7 @@ def run(
         pm,
         registries,
         RunStore(run_dir),
-        ModelCache(cache_dir),
+        ModelCache(cache_dir, frozen=models),
         TransferCache(cache_dir),
         resolve_device(device),
         progress,
@@ -83,6 +84,9 @@ def run(
     session.provenance = _provenance(pm, benchmark, session.device)
     done = session.store.finished()
     pending = [c for c in cells if c.key not in done]
+    if models is not None:  # evaluate stored models only: fail before any compute if one is missing
+        for key in _model_keys(session, pending):
+            session.cache.require(key, data_fingerprint(session.data(key.dataset, "train")))
     _write_manifest(session, cells)
     progress.log(f"plan: {len(cells)} cells, {len(cells) - len(pending)} already finished in {run_dir}")
     results = [done[c.key] for c in cells if c.key in done]
@@ -105,6 +109,17 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but torch sees no CUDA device; use cpu or auto")
     return torch.device(name)
+
+
+def _model_keys(session: Session, cells: Sequence[Cell]) -> list[ModelKey]:
+    """Every model the cells evaluate or transfer from (surrogates), each once."""
+    keys = dict.fromkeys(c.model for c in cells)
+    for cell in cells:
+        for surrogate in cell.protocol.surrogates:
+            for seed in surrogate.seeds:
+                arch = surrogate.arch or cell.model.arch
+                keys[session.model_key(cell.model.dataset, arch, surrogate.defense, seed)] = None
+    return list(keys)
 
 
 def _groups(cells: Sequence[Cell]) -> list[Group]:

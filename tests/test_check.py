@@ -26,6 +26,7 @@ from torch import nn
 import robench
 from robench.check import KEY_COLUMNS, RunFolderError, check, load_run, mcnemar_p, two_proportion_p
 from robench.config import Benchmark, PluginSpec
+from robench.numerics import cpu_capability as robench_cpu_capability
 from robench.pluginmanager import get_plugin_manager
 from robench.runner import run
 from robench.storage import CellResult, RunStore
@@ -223,3 +224,20 @@ def test_json_and_markdown_outputs(runs: dict[str, Path], shell: Shell) -> None:
     code, out = shell([*args, "--markdown", "--alpha", "0.01"])
     assert code == 1 and out.startswith("### \u274c robench check FAILED")
     assert "| cell | robust % (baseline \u2192 run) |" in out and "p < 0.01" in out
+
+
+def test_a_baseline_from_another_cpu_is_named(runs: dict[str, Path], tmp_path: Path, shell: Shell) -> None:
+    """Rows record the CPU capability; check says when the baseline's differs from the run's."""
+    run_cells = RunStore(runs["base"]).read_cells()
+    assert set(run_cells["cpu_capability"]) == {robench_cpu_capability()}
+    assert (run_cells["threads"] >= 1).all() and set(run_cells["quantized_engine"]) == {""}
+    store = copy_run(runs["base"], tmp_path / "other-cpu")
+    table = store.read_cells()
+    table["cpu_capability"] = "AVX512_FAKE"
+    store.rewrite_cells(table)
+    result = check(runs["base"], tmp_path / "other-cpu")
+    assert result.passed and len(result.notes) == 1
+    assert "baseline AVX512_FAKE" in result.notes[0] and f"run {robench_cpu_capability()}" in result.notes[0]
+    code, out = shell(["check", str(runs["base"]), "--baseline", str(tmp_path / "other-cpu")])
+    assert code == 0 and "note: CPU capability: baseline AVX512_FAKE" in out, out
+    assert check(runs["base"], runs["base"]).notes == ()

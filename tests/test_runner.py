@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from torch import nn
 
 import robench
 from robench.config import Benchmark, PluginSpec
+from robench.errors import CacheError
 from robench.pluginmanager import get_plugin_manager
 from robench.runner import Summary, run
 from robench.storage import RunStore
@@ -288,3 +290,20 @@ def test_a_build_is_a_function_of_its_key_alone(pm: pluggy.PluginManager, tmp_pa
     before = torch.random.get_rng_state()
     run_tiny(pm, tmp_path, "fresh", defenses=(PluginSpec.of("baseline", {"epochs": 2}),))
     assert torch.equal(before, torch.random.get_rng_state()), "a build must not move the global generator"
+
+
+def test_stored_models_are_evaluated_and_never_built(pm: pluggy.PluginManager, tmp_path: Path) -> None:
+    """--models: the same numbers from the stored weights, nothing trained; a model that is
+    not stored fails before any compute, naming it."""
+    first = run_tiny(pm, tmp_path, "first")
+    stored = tmp_path / "stored"
+    shutil.copytree(tmp_path / "cache" / "models", stored)
+    bench = tiny_benchmark()
+    again = run(bench, pm=pm, run_dir=tmp_path / "again", cache_dir=tmp_path / "fresh", device="cpu", models=stored)
+    pd.testing.assert_frame_equal(cells(first)[MEASURED], cells(again)[MEASURED])
+    assert (cells(again)["build_seconds"] == 0).all()
+    assert not (tmp_path / "fresh" / "models").exists(), "nothing may be built or saved"
+    other = tiny_benchmark(defenses=(PluginSpec.of("baseline", {"epochs": 1}),))
+    with pytest.raises(CacheError, match=r"baseline\[epochs=1\].* is not in"):
+        run(other, pm=pm, run_dir=tmp_path / "other", cache_dir=tmp_path / "fresh", device="cpu", models=stored)
+    assert not (tmp_path / "other" / "cells").exists()
