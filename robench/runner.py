@@ -96,7 +96,7 @@ def run(
         pm.hook.robench_cell_finish(cell=cell, result=result)
         results.append(result)
         progress.log(_line(result))
-    _write_manifest(session, cells)
+    _write_manifest(session, cells, results)
     update_flags(session.store)
     pm.hook.robench_session_finish(benchmark=benchmark, results=results)
     return Summary(run_dir, results, len(cells) - len(pending))
@@ -150,7 +150,8 @@ def _git_revision() -> str:
     return out.stdout.strip() if out.returncode == 0 else ""
 
 
-def _write_manifest(session: Session, cells: list[Cell]) -> None:
+def _write_manifest(session: Session, cells: list[Cell], results: Sequence[CellResult] = ()) -> None:
+    engines = {r.cell_id: r.row["quantized_engine"] for r in results if r.row.get("quantized_engine")}
     session.store.write_manifest(
         {
             "benchmark": session.benchmark.to_json(),
@@ -158,6 +159,7 @@ def _write_manifest(session: Session, cells: list[Cell]) -> None:
             "cells": [{"key": c.key, "id": c.id} for c in cells],
             "eval_indices": {d: session.eval_indices(d).tolist() for d in session.benchmark.datasets},
             "models": {c.model.digest(): c.model.defense_label for c in cells},
+            "quantized_engines": engines,  # int8 variants' kernels, by cell id
         }
     )
 

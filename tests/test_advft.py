@@ -251,3 +251,7 @@ def test_runner_rows_carry_the_compression(tmp_path: Path) -> None:
     assert (quant["bits"], quant["params"], quant["macs"]) == (8, full["params"], full["macs"])
     assert quant["model_bytes"] * 4 == full["model_bytes"]
     assert quant["gradient_calls"] > 0 and quant["robust_acc"] < quant["clean_acc"]
+    # provenance: the int8 kernels' engine, in the row and the manifest
+    assert (quant["quantized_engine"], full["quantized_engine"]) == (ENGINE, "")
+    engines = RunStore(summary.run_dir).read_manifest()["quantized_engines"]
+    assert list(engines.values()) == [ENGINE] and "Q(f_std)+AFT" in next(iter(engines))
