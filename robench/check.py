@@ -110,6 +110,13 @@ class CheckResult:
     cells: tuple[CellCheck, ...]
     notes: tuple[str, ...] = ()
     """What differs between the two runs' machines (CPU capability, threads, int8 engine)."""
+    fail_on_rise: bool = False
+    """Whether ``improved`` fails too (evaluation of stored models: a rise means a weaker attack)."""
+
+    @property
+    def failing(self) -> frozenset[str]:
+        """The verdicts that make this check fail."""
+        return FAILING | {"improved"} if self.fail_on_rise else FAILING
 
     def count(self, verdict: str) -> int:
         """Number of cells with this verdict."""
@@ -118,7 +125,7 @@ class CheckResult:
     @property
     def passed(self) -> bool:
         """True when no cell regressed, failed or went missing."""
-        return not any(c.verdict in FAILING for c in self.cells)
+        return not any(c.verdict in self.failing for c in self.cells)
 
     @property
     def exit_code(self) -> int:
@@ -209,8 +216,15 @@ def two_proportion_p(baseline: float, n_baseline: int, run: float, n_run: int) -
     return float(stats.norm.sf(z)), float(stats.norm.sf(-z))
 
 
-def check(run: Path, baseline: Path, tolerance: float = 1.0, alpha: float = 0.05) -> CheckResult:
-    """Compare RUN with BASELINE cell by cell; raises :class:`RunFolderError` on unusable input."""
+def check(
+    run: Path, baseline: Path, tolerance: float = 1.0, alpha: float = 0.05, *, fail_on_rise: bool = False
+) -> CheckResult:
+    """Compare RUN with BASELINE cell by cell; raises :class:`RunFolderError` on unusable input.
+
+    With ``fail_on_rise`` a significant rise fails as a drop does: for stored models
+    evaluated again (``robench run --models``), only the evaluation code can move the
+    numbers, and higher robust accuracy then means a weaker attack.
+    """
     if tolerance < 0 or not 0 < alpha < 1:
         raise ConfigError(f"--tolerance must be >= 0 and --alpha in (0, 1), got {tolerance} and {alpha}")
     new, old = load_run(run), load_run(baseline)
@@ -226,7 +240,8 @@ def check(run: Path, baseline: Path, tolerance: float = 1.0, alpha: float = 0.05
     if all(c.verdict == "missing" for c in out):
         raise RunFolderError(_nothing_in_common(new, old))
     out += [CellCheck(str(r["cell_id"]), "new", "not in the baseline") for r in unmatched.values()]
-    return CheckResult(Path(run), Path(baseline), tolerance, alpha, tuple(out), machine_notes(new.cells, old.cells))
+    notes = machine_notes(new.cells, old.cells)
+    return CheckResult(Path(run), Path(baseline), tolerance, alpha, tuple(out), notes, fail_on_rise)
 
 
 MACHINE_COLUMNS = {
@@ -373,11 +388,10 @@ def summary(result: CheckResult) -> str:
 
 def closing_line(result: CheckResult) -> str:
     """``check: N passed, M failed[, K skipped]``: compared cells, failing cells, new (uncompared) ones."""
-    failed = sum(result.count(v) for v in FAILING)
+    failed = sum(result.count(v) for v in result.failing)
     new = result.count("new")
-    return f"check: {result.count('ok') + result.count('improved')} passed, {failed} failed" + (
-        f", {new} skipped" if new else ""
-    )
+    passed = result.count("ok") + (0 if result.fail_on_rise else result.count("improved"))
+    return f"check: {passed} passed, {failed} failed" + (f", {new} skipped" if new else "")
 
 
 def format_text(result: CheckResult) -> str:
@@ -398,7 +412,7 @@ def format_markdown(result: CheckResult) -> str:
     lines = [f"### {mark} robench check {title}", "", summary(result), "", *notes, _md_row(head), _md_row(["---"] * 7)]
     for row in _rows(result, "\u2192"):
         row[0] = f"`{row[0]}`"
-        row[-1] = f"**{row[-1]}**" if row[-1].split(":")[0] in FAILING else row[-1]
+        row[-1] = f"**{row[-1]}**" if row[-1].split(":")[0] in result.failing else row[-1]
         lines.append(_md_row(row))
     return "\n".join(lines) + "\n"
 

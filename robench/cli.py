@@ -244,9 +244,17 @@ _RUN_DIR = click.argument("run_dir", type=click.Path(path_type=Path))
     metavar="A",
     help="Significance level of the one-sided test.",
 )
+@click.option(
+    "--fail-on-rise",
+    is_flag=True,
+    help="A significant rise fails too. For RUN_DIR evaluated on the baseline's stored models (robench run "
+    "--models), where only the evaluation code moves numbers and a rise in robust accuracy means a weaker attack.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON.")
 @click.option("--markdown", is_flag=True, help="Print a markdown summary (for $GITHUB_STEP_SUMMARY).")
-def check_cmd(run_dir: Path, baseline: Path, tolerance: float, alpha: float, as_json: bool, markdown: bool) -> None:
+def check_cmd(
+    run_dir: Path, baseline: Path, tolerance: float, alpha: float, fail_on_rise: bool, as_json: bool, markdown: bool
+) -> None:
     """Fail (exit 1) if RUN_DIR is significantly less robust or accurate than --baseline.
 
     Cells pair on their key columns. A cell regresses when its robust or clean accuracy drops
@@ -260,7 +268,7 @@ def check_cmd(run_dir: Path, baseline: Path, tolerance: float, alpha: float, as_
 
     if as_json and markdown:
         raise click.UsageError("--json and --markdown are alternatives: give one")
-    result = check(run_dir, baseline, tolerance=tolerance, alpha=alpha)
+    result = check(run_dir, baseline, tolerance=tolerance, alpha=alpha, fail_on_rise=fail_on_rise)
     click.echo(to_json(result) if as_json else format_markdown(result) if markdown else format_text(result))
     sys.exit(result.exit_code)
 

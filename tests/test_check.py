@@ -241,3 +241,15 @@ def test_a_baseline_from_another_cpu_is_named(runs: dict[str, Path], tmp_path: P
     code, out = shell(["check", str(runs["base"]), "--baseline", str(tmp_path / "other-cpu")])
     assert code == 0 and "note: CPU capability: baseline AVX512_FAKE" in out, out
     assert check(runs["base"], runs["base"]).notes == ()
+
+
+def test_a_rise_fails_only_with_fail_on_rise(runs: dict[str, Path], shell: Shell) -> None:
+    """The better model checked against the worse one: improved, which passes, unless the
+    check is of stored models re-evaluated, where a rise means a weaker attack."""
+    result = check(runs["base"], runs["regressed"])
+    assert result.count("improved") >= 1 and result.passed
+    strict = check(runs["base"], runs["regressed"], fail_on_rise=True)
+    assert not strict.passed and strict.exit_code == 1
+    code, out = shell(["check", str(runs["base"]), "--baseline", str(runs["regressed"]), "--fail-on-rise"])
+    assert code == 1 and "improved: robust accuracy rose" in out, out
+    assert out.rstrip().endswith(f"check: {strict.count('ok')} passed, {strict.count('improved')} failed")
