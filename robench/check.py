@@ -266,7 +266,7 @@ def machine_notes(run: pd.DataFrame, baseline: pd.DataFrame) -> tuple[str, ...]:
     notes = []
     for column, label in MACHINE_COLUMNS.items():
         old, new = values(baseline, column), values(run, column)
-        if old != new:
+        if old != new and {old, new} != {"none", "not recorded"}:  # nothing set, or nothing known: no news
             notes.append(f"{label}: baseline {old}, run {new}")
     if notes:
         notes.append(
@@ -381,8 +381,9 @@ def summary(result: CheckResult) -> str:
     counts = ", ".join(f"{result.count(v)} {v}" for v in VERDICTS)
     points = "point" if result.tolerance == 1 else "points"
     return (
-        f"{len(result.cells)} cells of {result.run} against {result.baseline} (a regression is a drop of more "
-        f"than {result.tolerance:g} {points} with one-sided p < {result.alpha:g}): {counts}"
+        f"{len(result.cells)} cells of {result.run} against {result.baseline} (a regression is a drop"
+        f"{' or a rise' if result.fail_on_rise else ''} of more than {result.tolerance:g} {points} with one-sided "
+        f"p < {result.alpha:g}): {counts}"
     )
 
 
