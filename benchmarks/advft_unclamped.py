@@ -9,7 +9,7 @@ as ``robench run`` does) on the same test subset, with the same PGD (20 steps of
 random start, last iterate), through the fake-quant twin for int8 variants, and scores the
 deployed (int8) model.
 
-    python benchmarks/advft_unclamped.py benchmarks/advft-fashion.toml [--cache-dir DIR] [--eps 0.05]
+    python benchmarks/advft_unclamped.py benchmarks/advft-fashion.toml [--cache-dir DIR] [--eps 0.05] [-k TEXT]
 """
 
 from __future__ import annotations
@@ -50,11 +50,16 @@ def main() -> None:
     parser.add_argument("benchmark", type=Path)
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "robench")
     parser.add_argument("--eps", type=float, default=0.05)
+    parser.add_argument("-k", dest="select", default="", help="only cells whose id contains this text")
     args = parser.parse_args()
     benchmark = load_benchmark(args.benchmark)
     pm = get_plugin_manager()
     registries = Registries.collect(pm)
-    cells = [c for c in plan(benchmark, registries) if c.protocol.name == "advft-pgd" and c.eps == args.eps]
+    cells = [
+        c
+        for c in plan(benchmark, registries)
+        if c.protocol.name == "advft-pgd" and c.eps == args.eps and args.select in c.id
+    ]
     with tempfile.TemporaryDirectory() as scratch:
         cache = ModelCache(args.cache_dir)
         session = Session(
