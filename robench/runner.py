@@ -151,7 +151,8 @@ def _git_revision() -> str:
 
 
 def _write_manifest(session: Session, cells: list[Cell], results: Sequence[CellResult] = ()) -> None:
-    engines = {r.cell_id: r.row["quantized_engine"] for r in results if r.row.get("quantized_engine")}
+    # a stored row read back has NaN, not "", where an older robench wrote no engine
+    engines = {r.cell_id: e for r in results if isinstance(e := r.row.get("quantized_engine"), str) and e}
     session.store.write_manifest(
         {
             "benchmark": session.benchmark.to_json(),

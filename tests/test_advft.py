@@ -6,6 +6,7 @@ import copy
 import dataclasses
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from torch import Tensor, nn
@@ -255,3 +256,12 @@ def test_runner_rows_carry_the_compression(tmp_path: Path) -> None:
     assert (quant["quantized_engine"], full["quantized_engine"]) == (ENGINE, "")
     engines = RunStore(summary.run_dir).read_manifest()["quantized_engines"]
     assert list(engines.values()) == [ENGINE] and "Q(f_std)+AFT" in next(iter(engines))
+    # a resumed run (every cell read back from disk) writes the same manifest entry, also when
+    # other rows come from a robench that wrote no engine column (read back as NaN)
+    store = RunStore(summary.run_dir)
+    table = store.read_cells()
+    table["quantized_engine"] = pd.Series([e or None for e in table["quantized_engine"]], dtype=object)
+    store.rewrite_cells(table)
+    assert store.read_cells()["quantized_engine"].isna().sum() == 2
+    run(benchmark, pm=pm, run_dir=tmp_path / "run", cache_dir=tmp_path / "cache", device="cpu")
+    assert RunStore(summary.run_dir).read_manifest()["quantized_engines"] == engines
