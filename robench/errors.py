@@ -51,7 +51,7 @@ class DataNotFoundError(RobenchError):
 
 
 class CacheError(RobenchError):
-    """A cached artefact is corrupt or does not match its key."""
+    """A cached artefact is missing (`robench run --models`), corrupt, or does not match its key."""
 
 
 class PluginExecutionFailed(RobenchError):

@@ -61,6 +61,9 @@ def run(
     """Plan, build, attack, score and store ``benchmark``; finished cells are skipped.
 
     :param select: only run cells whose id contains this substring
+    :param models: evaluate the models stored in this folder (a model cache's ``models/``)
+        and build none; :class:`~robench.errors.CacheError` before any compute if one of
+        the cells' models (or their surrogates) is not there
     """
     registries = Registries.collect(pm)
     cells = plan(benchmark, registries)
