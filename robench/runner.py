@@ -156,14 +156,21 @@ def _git_revision() -> str:
 def _write_manifest(session: Session, cells: list[Cell], results: Sequence[CellResult] = ()) -> None:
     # a stored row read back has NaN, not "", where an older robench wrote no engine
     engines = {r.cell_id: e for r in results if isinstance(e := r.row.get("quantized_engine"), str) and e}
+    listed = {c.key: c.id for c in cells}
+    models = {c.model.digest(): c.model.defense_label for c in cells}
+    try:  # a run with -k into an existing folder adds to what the folder already lists
+        previous = session.store.read_manifest()
+    except (FileNotFoundError, ValueError):  # none yet (or unreadable: then this one replaces it)
+        previous = {}
+    listed = {**{c["key"]: c["id"] for c in previous.get("cells", [])}, **listed}
     session.store.write_manifest(
         {
             "benchmark": session.benchmark.to_json(),
             "provenance": session.provenance,
-            "cells": [{"key": c.key, "id": c.id} for c in cells],
+            "cells": [{"key": key, "id": cell_id} for key, cell_id in listed.items()],
             "eval_indices": {d: session.eval_indices(d).tolist() for d in session.benchmark.datasets},
-            "models": {c.model.digest(): c.model.defense_label for c in cells},
-            "quantized_engines": engines,  # int8 variants' kernels, by cell id
+            "models": {**previous.get("models", {}), **models},
+            "quantized_engines": {**previous.get("quantized_engines", {}), **engines},  # int8 kernels, by cell id
         }
     )
 

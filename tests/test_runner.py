@@ -307,3 +307,15 @@ def test_stored_models_are_evaluated_and_never_built(pm: pluggy.PluginManager, t
     with pytest.raises(CacheError, match=r"baseline\[epochs=1\].* is not in"):
         run(other, pm=pm, run_dir=tmp_path / "other", cache_dir=tmp_path / "fresh", device="cpu", models=stored)
     assert not (tmp_path / "other" / "cells").exists()
+
+
+def test_a_selected_run_into_an_existing_folder_keeps_its_manifest_whole(
+    pm: pluggy.PluginManager, tmp_path: Path
+) -> None:
+    """-k runs that fill one folder in parts: the manifest lists every cell of the folder."""
+    bench = tiny_benchmark()
+    for select in ("eps=0.2/", "eps=0.23/"):
+        run(bench, pm=pm, run_dir=tmp_path / "run", cache_dir=tmp_path / "cache", device="cpu", select=select)
+    manifest = RunStore(tmp_path / "run").read_manifest()
+    assert sorted(c["id"].split("/")[-2] for c in manifest["cells"]) == ["eps=0.2", "eps=0.23"]
+    assert {c["key"] for c in manifest["cells"]} == set(RunStore(tmp_path / "run").read_cells()["cell_key"])
