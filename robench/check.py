@@ -30,6 +30,7 @@ import pandas as pd
 from scipy import stats
 
 from robench.errors import ConfigError, RobenchError
+from robench.numerics import machine_notes
 from robench.storage import SCHEMA_VERSION, RunStore
 
 KEY_COLUMNS: tuple[str, ...] = (
@@ -242,38 +243,6 @@ def check(
     out += [CellCheck(str(r["cell_id"]), "new", "not in the baseline") for r in unmatched.values()]
     notes = machine_notes(new.cells, old.cells)
     return CheckResult(Path(run), Path(baseline), tolerance, alpha, tuple(out), notes, fail_on_rise)
-
-
-MACHINE_COLUMNS = {
-    "cpu_capability": "CPU capability",
-    "cpu_pins": "ISA pins",
-    "threads": "threads",
-    "quantized_engine": "int8 engine",
-    "device": "device",
-}
-"""Provenance columns that change numbers without any change of code."""
-
-
-def machine_notes(run: pd.DataFrame, baseline: pd.DataFrame) -> tuple[str, ...]:
-    """A note per machine fact (:data:`MACHINE_COLUMNS`) that differs between the two runs."""
-
-    def values(table: pd.DataFrame, column: str) -> str:
-        if column not in table:
-            return "not recorded"
-        found = sorted({str(v) for v in table[column].dropna() if str(v) not in ("", "{}")})
-        return ", ".join(found) or ("not recorded" if table[column].isna().all() else "none")
-
-    notes = []
-    for column, label in MACHINE_COLUMNS.items():
-        old, new = values(baseline, column), values(run, column)
-        if old != new and {old, new} != {"none", "not recorded"}:  # nothing set, or nothing known: no news
-            notes.append(f"{label}: baseline {old}, run {new}")
-    if notes:
-        notes.append(
-            "float kernels differ between CPUs and thread counts: models trained on each differ (check them "
-            "with a tolerance from the seed spread); stored models evaluated with --models agree to a few samples"
-        )
-    return tuple(notes)
 
 
 def _keyed(data: RunData) -> dict[tuple[Any, ...], pd.Series]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 
+import pandas as pd
 import torch
 
 # Environment variables that pin the ISA or the numerics of the CPU math libraries; they
@@ -44,3 +45,35 @@ def cpu_provenance() -> dict[str, object]:
         "cpu_pins": json.dumps(cpu_pins(), sort_keys=True),
         "threads": torch.get_num_threads(),
     }
+
+
+MACHINE_COLUMNS = {
+    "cpu_capability": "CPU capability",
+    "cpu_pins": "ISA pins",
+    "threads": "threads",
+    "quantized_engine": "int8 engine",
+    "device": "device",
+}
+"""Provenance columns that change numbers without any change of code."""
+
+
+def machine_notes(run: pd.DataFrame, baseline: pd.DataFrame) -> tuple[str, ...]:
+    """A note per machine fact (:data:`MACHINE_COLUMNS`) that differs between the two runs."""
+
+    def values(table: pd.DataFrame, column: str) -> str:
+        if column not in table:
+            return "not recorded"
+        found = sorted({str(v) for v in table[column].dropna() if str(v) not in ("", "{}")})
+        return ", ".join(found) or ("not recorded" if table[column].isna().all() else "none")
+
+    notes = []
+    for column, label in MACHINE_COLUMNS.items():
+        old, new = values(baseline, column), values(run, column)
+        if old != new and {old, new} != {"none", "not recorded"}:  # nothing set, or nothing known: no news
+            notes.append(f"{label}: baseline {old}, run {new}")
+    if notes:
+        notes.append(
+            "float kernels differ between CPUs and thread counts: models trained on each differ (check them "
+            "with a tolerance from the seed spread); stored models evaluated with --models agree to a few samples"
+        )
+    return tuple(notes)

@@ -18,19 +18,19 @@ Why the QNNPACK engine and not x86's fbgemm/oneDNN (:data:`ENGINE`): the integer
 compute the same function on every x86-64 CPU, and that function must be the twin's.
 fbgemm's and oneDNN's u8 x s8 kernels on CPUs without VNNI (AVX2 only) multiply with
 ``vpmaddubsw``, which adds pairs of products in *saturating int16*: with full-range
-activations two products of 255 x 127 overflow it, and the deployed model silently
-computes something else than on an AVX-512-VNNI CPU (seen: logits 6.4 apart from the twin
-on an AVX2 EPYC, none on a VNNI Xeon). x86's usual fix, 7-bit activations
-(``reduce_range``), only moves the problem: the converted model still quantizes to
-[0, 255], so any activation past the calibrated maximum (which an attack produces, and a
-moving-average observer leaves below the data's maximum) reaches the saturating range
-again while the twin clamps at 127 (measured: 3.3 logits apart in range, 8 to 27 beyond).
-QNNPACK's kernels (and the XNNPACK ones torch routes some of its ops to) accumulate in
-exact int32 and requantize with one float multiply and round-to-nearest: integer
-arithmetic with no ISA-dependent step, so every x86-64 (and ARM) CPU computes the same
-logits, and they differ from the twin's float simulation only where a value falls within
-rounding of a quantization boundary (at most a step or two of the output scale). The cost
-is speed: about 3x slower than fbgemm on cnn8 at batch 512; latency columns say so.
+activations two products of 255 x 127 overflow it, and the deployed model silently computes
+something else than on a VNNI CPU (seen: logits 6.4 apart from the twin on an AVX2 EPYC,
+under 0.05 on the AVX-512 machine earlier baselines came from). x86's usual fix, 7-bit
+activations (``reduce_range``), only moves the problem: the converted model still quantizes
+to [0, 255], so any activation past the calibrated maximum (which an attack produces, and a
+moving-average observer leaves below the data's maximum) reaches the saturating range again
+while the twin clamps at 127 (measured: 3.3 logits apart in range, 8 to 27 beyond).
+QNNPACK's kernels accumulate in exact int32 and requantize with one float multiply and
+round-to-nearest: no step of the arithmetic depends on the ISA (argued from the kernels;
+measured on AVX2 only), and the logits differ from the twin's float simulation only where a
+value falls within rounding of a quantization boundary (a step or two of the output scale).
+The cost is speed: about 3x slower than fbgemm on cnn8 at batch 512; latency columns say so.
+
 The twin is the model gradient attacks differentiate: ``torch.fake_quantize_*`` has a
 straight-through gradient (identity inside the clamp range), so attacks see the integer
 model's function without the zero gradients of rounding (METHODS.md §6.2).
