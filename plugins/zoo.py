@@ -178,6 +178,7 @@ class Square(robench.Attack):
     name: ClassVar[str] = "square"
     norms: ClassVar[frozenset[Norm]] = frozenset({"linf", "l2"})
     batch_seeded: ClassVar[bool] = True
+    score_based: ClassVar[bool] = True
     n_queries: int = 5000
     p_init: float = 0.8
     loss: Literal["margin", "ce"] = "margin"
@@ -233,6 +234,7 @@ class AutoAttack(robench.Attack):
     name: ClassVar[str] = "autoattack"
     norms: ClassVar[frozenset[Norm]] = frozenset({"linf", "l2"})
     batch_seeded: ClassVar[bool] = True
+    score_based: ClassVar[bool] = True  # its last stage is Square
     steps: int = 100
     n_queries: int = 5000
 

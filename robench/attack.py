@@ -26,6 +26,10 @@ class Attack(Plugin, ABC):
 
     kind: ClassVar[str] = "attack"
     norms: ClassVar[frozenset[Norm]] = frozenset({"linf"})
+    score_based: ClassVar[bool] = False
+    """Whether the attack searches with the model's outputs alone, needing no gradient (Square),
+    or runs such a search as one of its stages (AutoAttack). Gradient masking cannot fool
+    it, so the model checks' masking diagnosis adds no Square version to a protocol using it."""
 
     def n_versions(self) -> int:
         """How many versions (independent restarts) this attack contributes to a protocol."""

@@ -95,6 +95,11 @@ class Setup:
         x = x.to(self.device)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
+    def place_model(self, model: nn.Module) -> nn.Module:
+        """Put a model in eval mode on the device, in the memory format of :meth:`place` (in place)."""
+        model = model.eval().to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
 
 @contextlib.contextmanager
 def deterministic(device: torch.device) -> Iterator[None]:
@@ -140,8 +145,8 @@ def _evaluate(
     progress: Progress,
 ) -> Outcome:
     start = time.perf_counter()
-    judge = Judge(_placed(variant.model, setup), setup.votes if variant.randomized else 1)
-    grad_model = _placed(variant.attack_model, setup)
+    judge = Judge(setup.place_model(variant.model), setup.votes if variant.randomized else 1)
+    grad_model = setup.place_model(variant.attack_model)
     counter = _ForwardCounter(grad_model)  # the model itself: EOT draws count one by one
     if variant.randomized and setup.eot > 1:
         grad_model = ExpectationModel(grad_model, setup.eot)
@@ -184,7 +189,7 @@ def _generate(
     model: nn.Module, version: Version, threat: Threat, data: ImageData, indices: Tensor, setup: Setup
 ) -> Tensor:
     out = []
-    model = _placed(model, setup)
+    model = setup.place_model(model)
     for chunk in _chunks(torch.arange(len(indices)), setup.batch_size):
         idx = indices[chunk]
         x, y = data.batch(idx)
@@ -243,11 +248,6 @@ def _correct_all(judge: Judge, data: ImageData, indices: Tensor, setup: Setup) -
         x, y = data.batch(chunk)
         parts.append(judge.correct(setup.place(x), y.to(setup.device)).cpu())
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
-
-
-def _placed(model: nn.Module, setup: Setup) -> nn.Module:
-    model = model.eval().to(setup.device)
-    return model.to(memory_format=torch.channels_last) if setup.channels_last else model
 
 
 def _chunks(indices: Tensor, size: int) -> list[Tensor]:

@@ -1,15 +1,17 @@
 """A readable report of one run folder: ``robench report RUN [--out DIR]``.
 
 Writes ``report.md`` (per protocol, a table of robust accuracy by defense and eps with its
-Wilson interval, next to clean accuracy and the efficiency columns; sanity flags; failed
-cells) and PNG plots: robust accuracy against eps, one figure per protocol (as in the EIO
-paper's Fig. 4, with the 95 % intervals as error bars), and, for defenses with several
-variants, robust accuracy against model size. Plots use matplotlib's object API with the
-Agg canvas, so no display and no pyplot global state are involved.
+Wilson interval, next to clean accuracy and the efficiency columns; what the model checks
+found; sanity flags; failed cells) and PNG plots: robust accuracy against eps, one figure
+per protocol (as in the EIO paper's Fig. 4, with the 95 % intervals as error bars), and,
+for defenses with several variants, robust accuracy against model size. Plots use
+matplotlib's object API with the Agg canvas, so no display and no pyplot global state are
+involved.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import textwrap
 from collections.abc import Iterable
@@ -49,7 +51,7 @@ def write_report(run: Path, out: Path | None = None) -> list[Path]:
         if size_plot is not None:
             plots.append(size_plot)
             lines.append(f"![robust accuracy against model size]({size_plot.name})\n")
-    lines += _flags_section(ok) + _failed_section(cells)
+    lines += _checks_section(ok) + _flags_section(ok) + _failed_section(cells)
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return [report, *plots]
@@ -141,12 +143,37 @@ def _md_row(cells: Iterable[str]) -> str:
     return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
 
+def _checks_section(cells: pd.DataFrame) -> list[str]:
+    """What the model checks found, cell by cell where they fired, and what they cost."""
+    lines = ["## Model checks", ""]
+    ran = cells[cells["checks"].notna()] if "checks" in cells else cells.iloc[:0]
+    if ran.empty:
+        return [*lines, "Not run: these cells come from a robench without model checks.", ""]
+    share = ran["check_seconds"].sum() / max((ran["check_seconds"] + ran["attack_seconds"]).sum(), 1e-9)
+    lines += [
+        f"Run before every attack on the first {int(ran['check_samples'].max())} samples of each cell: output "
+        "contract, probability outputs, randomness, vanishing gradients, batch dependence. They took "
+        f"{ran['check_seconds'].sum():.2f} s, {100 * share:.2f} % of the cells' evaluation time. "
+        f"{int((ran['checks'] == 'ok').sum())} of {len(ran)} cells: ok.",
+        "",
+    ]
+    for _, row in ran[ran["checks"] != "ok"].sort_values("cell_id").iterrows():
+        text = f"- `{row['cell_id']}`: {row['checks']}"
+        if row["masking_found_by"]:
+            found = json.loads(row["masking_found_by"])
+            text += "; samples the added versions fooled: " + ", ".join(f"`{k}` {v}" for k, v in found.items())
+        lines.append(text)
+    if len(cells) > len(ran):
+        lines.append(f"- {len(cells) - len(ran)} cells come from a robench without model checks.")
+    return [*lines, ""]
+
+
 def _flags_section(cells: pd.DataFrame) -> list[str]:
     docs = {column: doc for table, column, _, doc in describe_schema() if column.startswith("flag_")}
     lines = ["## Sanity flags", ""]
     for _, row in cells.sort_values("cell_id").iterrows():
-        raised = [f for f in docs if bool(row[f]) and not pd.isna(row[f])]
-        lines += [f"- `{row['cell_id']}`: {f} ({docs[f].removeprefix('sanity: ')})" for f in raised]
+        raised = [f for f in docs if not pd.isna(row[f]) and bool(row[f])]
+        lines += [f"- `{row['cell_id']}`: {f} ({docs[f].split(': ', 1)[-1]})" for f in raised]
     if len(lines) == 2:
         lines.append("None raised.")
     return [*lines, ""]

@@ -6,11 +6,14 @@ Failures are isolated per cell: a plugin that raises yields an ``error`` row.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import json
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +23,7 @@ from torch import nn
 
 import robench
 from robench.architecture import make_model
+from robench.attack import derive_key
 from robench.config import Benchmark, PluginSpec
 from robench.context import Context, ImageData, Progress
 from robench.efficiency import measure
@@ -27,7 +31,16 @@ from robench.evaluate import Outcome, Setup, evaluate, generate
 from robench.grid import Cell, ModelKey, model_key, resolve_defense
 from robench.metrics import accuracy, count, wilson_interval
 from robench.modelcache import ModelCache, data_fingerprint
-from robench.protocol import Surrogate
+from robench.modelcheck import (
+    CHECK_SAMPLES,
+    ModelChecks,
+    ModelContractError,
+    as_evaluated,
+    check_columns,
+    check_model,
+    with_masking_versions,
+)
+from robench.protocol import Protocol, Surrogate
 from robench.registry import Registries
 from robench.storage import CellResult, RunStore
 from robench.training import subset_indices
@@ -145,15 +158,18 @@ class Session:
         for cell in group.cells:
             self.pm.hook.robench_cell_start(cell=cell)
             try:
-                variant = defense.variant(cell.variant, models[cell.variant])
-                yield self._evaluate(cell, variant, build_seconds, model_hash)
+                make_variant = functools.partial(defense.variant, cell.variant, models[cell.variant])
+                yield self._evaluate(cell, make_variant, build_seconds, model_hash)
+            except ModelContractError as exc:
+                yield self._error(cell, "model checks", exc)
             except Exception as exc:
                 yield self._error(cell, f"protocol {cell.protocol.name}", exc)
             build_seconds = 0.0  # charged to the first cell of the group only
 
-    def _evaluate(self, cell: Cell, variant: robench.Variant, build_seconds: float, model_hash: str) -> CellResult:
+    def _evaluate(
+        self, cell: Cell, make_variant: Callable[[], robench.Variant], build_seconds: float, model_hash: str
+    ) -> CellResult:
         started = _now()
-        versions = expand(cell.protocol, self.registries, cell.norm)
         data = self.data(cell.model.dataset, "test")
         indices = self.eval_indices(cell.model.dataset)
         p = cell.protocol
@@ -165,19 +181,26 @@ class Session:
             votes=p.votes,
             eot=p.eot,
         )
-        transfer = _TransferSource(self, cell, setup, data, indices)
-        out = evaluate(
-            variant, versions, cell.threat, data, indices, setup=setup, transfer=transfer, progress=self.progress
-        )
+        with _seeded_global_rng(cell.key, self.device):  # undeclared random models: reproducible per cell
+            declared, checks = self._check(cell, make_variant, data, indices, setup)
+            variant = as_evaluated(declared, checks)
+            protocol = self._masking_protocol(cell) if checks.vanishing else p
+            versions = expand(protocol, self.registries, cell.norm)
+            transfer = _TransferSource(self, cell, protocol, setup, data, indices)
+            out = evaluate(
+                variant, versions, cell.threat, data, indices, setup=setup, transfer=transfer, progress=self.progress
+            )
         eff = measure(
-            variant.model,
+            declared.model,
             data.batch(indices[:1])[0].to(self.device),
-            bits=variant.bits,
-            counted=variant.attack_model,
+            bits=declared.bits,
+            counted=declared.attack_model,
         )
+        own = len(expand(p, self.registries, cell.norm))
         row = {
             **self._key_columns(cell),
             **_scores(out, len(indices)),
+            **check_columns(checks, declared.randomized, out, versions[own:] if checks.vanishing else []),
             "status": "ok",
             "error": "",
             "n_versions": len(versions),
@@ -204,6 +227,35 @@ class Session:
             "finished_at": _now(),
         }
         return CellResult(row, _sample_rows(cell.key, indices, out))
+
+    def _check(
+        self,
+        cell: Cell,
+        make_variant: Callable[[], robench.Variant],
+        data: ImageData,
+        indices: torch.Tensor,
+        setup: Setup,
+    ) -> tuple[robench.Variant, ModelChecks]:
+        """The declared variant and the model checks on the first of the cell's samples."""
+        variant = make_variant()
+        x, y = data.batch(indices[:CHECK_SAMPLES])
+        placed = dataclasses.replace(
+            variant,
+            model=setup.place_model(variant.model),
+            grad_model=None if variant.grad_model is None else setup.place_model(variant.grad_model),
+        )
+        num_classes = self.registries.datasets.get(cell.model.dataset).shape.num_classes
+        checks = check_model(placed, setup.place(x), y.to(setup.device), num_classes)
+        if checks.fired(variant.randomized) or checks.training_modules:
+            self.progress.log(f"checks {cell.id}: {checks.describe(variant.randomized)}")
+        if variant.randomized:  # restart its random stream: the checks drew from it
+            variant = make_variant()
+        return variant, checks
+
+    def _masking_protocol(self, cell: Cell) -> Protocol:
+        """The cell's protocol with the masking diagnosis's transfer and Square versions."""
+        baseline = next((s for s in self.benchmark.defenses if s.name == "baseline"), PluginSpec("baseline"))
+        return with_masking_versions(cell.protocol, self.registries, baseline, self.benchmark.preset)
 
     def _key_columns(self, cell: Cell) -> dict[str, Any]:
         m = cell.model
@@ -244,8 +296,11 @@ class _TransferSource:
     """Gives a cell the transfer examples of a version: from the shared cache, or generated
     once against the surrogate and stored for every other target."""
 
-    def __init__(self, session: Session, cell: Cell, setup: Setup, data: ImageData, indices: torch.Tensor) -> None:
-        self.session, self.cell, self.setup, self.data, self.indices = session, cell, setup, data, indices
+    def __init__(
+        self, session: Session, cell: Cell, protocol: Protocol, setup: Setup, data: ImageData, indices: torch.Tensor
+    ) -> None:
+        self.session, self.cell, self.protocol = session, cell, protocol
+        self.setup, self.data, self.indices = setup, data, indices
         self.seconds = 0.0
         self.used: list[str] = []
         self._surrogates: dict[str, tuple[nn.Module, list[str]]] = {}
@@ -253,7 +308,7 @@ class _TransferSource:
     def __call__(self, version: Version) -> torch.Tensor:
         start = _now()
         assert version.use.source is not None
-        surrogate = self.cell.protocol.surrogate(version.use.source)
+        surrogate = self.protocol.surrogate(version.use.source)
         if surrogate.name not in self._surrogates:
             self._surrogates[surrogate.name] = self.session.surrogate(self.cell, surrogate)
         model, hashes = self._surrogates[surrogate.name]
@@ -298,6 +353,16 @@ def _scores(out: Outcome, n: int) -> dict[str, Any]:
         "robust_ci_high": high,
         "flag_loss_not_increasing": bool(out.adv_loss < out.clean_loss) if out.adv_loss else False,
     }
+
+
+@contextlib.contextmanager
+def _seeded_global_rng(cell_key: str, device: torch.device) -> Iterator[None]:
+    """torch's global generators seeded from the cell and restored afterwards: a model that
+    draws from them (undeclared randomness) gives the same numbers in any order of cells."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(derive_key("cell", cell_key) % 2**63)
+        yield
 
 
 def _sample_rows(key: str, indices: torch.Tensor, out: Outcome) -> dict[str, list[Any]]:

@@ -25,6 +25,7 @@ from robench.attack import Attack, sample_keys
 from robench.context import Context, DataShape, ImageData, Norm, Threat
 from robench.dataset import Dataset, Split
 from robench.defense import Defense
+from robench.modelcheck import ModelChecks, check_model
 from robench.training import Schedule
 from robench.training import train as fit
 
@@ -151,22 +152,34 @@ def check_attack(
             assert torch.allclose(adv[8:], half, atol=1e-6), f"{cls.name}: result depends on the batch"
 
 
-def check_defense(cls: type[Defense], params: dict[str, Any] | None = None) -> None:
-    """Presets resolve; fit returns the declared variants, which map [0, 1] inputs to logits."""
+def check_defense(cls: type[Defense], params: dict[str, Any] | None = None) -> dict[str, ModelChecks]:
+    """Presets resolve; fit returns the declared variants; every variant passes the model
+    checks the runner runs before each attack (:func:`robench.modelcheck.check_model`).
+
+    Fails on anything a benchmark would flag or refuse: outputs that are not one finite
+    tensor of logits, probability outputs, randomness the variant does not declare,
+    vanishing input gradients, batch-dependent predictions. Declared randomness passes.
+
+    :returns: each variant's check results, for further assertions
+    """
     for values in cls.presets.values():
         cls.create(dict(values))  # every preset must be valid
     defense = cls.create({**cls.presets.get("smoke", {}), **(params or {})})
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         ctx = tiny_context(Path(tmp))
         models = defense.fit(ctx)
         assert set(models) == set(defense.variant_names()), f"{cls.name}: fit returned other variants"
         skeletons = defense.skeletons(ctx)
-        x, _ = ctx.train.batch(torch.arange(4))
+        x, y = ctx.train.batch(torch.arange(32))
         for name, model in models.items():
             skeletons[name].load_state_dict(model.state_dict())
             variant = defense.variant(name, model.eval())
-            out = variant.model(x)
-            assert out.shape == (4, ctx.shape.num_classes), f"{cls.name}/{name}: logits have the wrong shape"
+            checks = check_model(variant, x, y, ctx.shape.num_classes)  # raises on a broken contract
+            fired = checks.fired(variant.randomized)
+            assert not fired, f"{cls.name}/{name}: model checks fired: {checks.describe(variant.randomized)}"
+            results[name] = checks
+    return results
 
 
 def check_dataset(cls: type[Dataset]) -> None:
