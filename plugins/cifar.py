@@ -2,7 +2,9 @@
 
 Data lives in ``$ROBENCH_DATA/cifar-10-batches-py/`` and ``$ROBENCH_DATA/cifar-100-python/``
 (``~/.cache/robench/data`` when ``$ROBENCH_DATA`` is unset); when absent, the archive is
-downloaded there with torchvision's URL and checksum.
+downloaded there with torchvision's URL and checksum. A folder under ``$ROBENCH_DATA`` that
+exists but lacks some batch files is an error listing them, not a download over what the
+user put there; in robench's own cache an incomplete folder is downloaded again.
 
 The batches are pickles, and unpickling runs whatever code a file names. So they are read
 with :class:`RestrictedUnpickler`, which rebuilds numpy arrays and plain data and refuses
@@ -150,14 +152,21 @@ class CifarDataset(robench.Dataset):
     def find_data(self) -> Path:
         """The folder holding every batch file, downloading it if need be.
 
-        :raises DataNotFoundError: not found and the download failed; the message says
-            where robench looked and how to get the data
+        :raises DataNotFoundError: the ``$ROBENCH_DATA`` folder lacks some files, or nothing
+            was found and the download failed; the message says where robench looked and how
+            to get the data
         """
         root = data_root()
         directory = root / self.folder
         missing = self._missing(directory)
         if not missing:
             return directory
+        if directory.is_dir() and os.environ.get(ENV_VAR):  # named by the user: never download over it
+            raise DataNotFoundError(
+                f"{self.name} in ${ENV_VAR} is incomplete: {directory} lacks {', '.join(missing)}. "
+                f"Add the missing files (from the python-version archive, {SOURCE_PAGE}), or remove the "
+                "folder to let robench download it there."
+            )
         state = "does not exist" if not directory.is_dir() else "lacks " + ", ".join(missing)
         try:
             _download(self.torchvision_class, root)

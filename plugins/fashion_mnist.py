@@ -7,6 +7,12 @@ Lookup order (DESIGN.md §8), first complete folder wins:
 3. an earlier download in ``~/.cache/robench/data`` (only when ``$ROBENCH_DATA`` is unset);
 4. a torchvision download into ``$ROBENCH_DATA`` (or ``~/.cache/robench/data``).
 
+A folder of step 1 that exists but lacks some of the four files stops the lookup with an
+error listing them: the user named ``$ROBENCH_DATA``, so reading another copy instead (the
+Debian one, say) would silently evaluate on data they did not choose. Only robench's own
+places (steps 2 to 4) fall through to the next. A ``$ROBENCH_DATA`` with neither folder
+goes on to step 2, as with no ``$ROBENCH_DATA``.
+
 The idx files are parsed here rather than through torchvision, so the Debian copy works
 without torchvision's folder layout and a damaged file gets a message that names it.
 """
@@ -64,15 +70,23 @@ def download_root() -> Path:
 
 def candidates() -> list[tuple[Path, str]]:
     """Every folder searched before downloading, in order, with a label saying why."""
+    return [*named_candidates(), *default_candidates()]
+
+
+def named_candidates() -> list[tuple[Path, str]]:
+    """The folders under ``$ROBENCH_DATA`` (none when it is unset): a partial one is an error."""
     root = data_root()
     if root is None:
-        cache = CACHE_DIR.expanduser() / "FashionMNIST" / "raw"
-        return [(DEBIAN_DIR, "Debian package dataset-fashion-mnist"), (cache, "download cache")]
-    return [
-        (root / "fashion-mnist", f"${ENV_VAR}"),
-        (root / "FashionMNIST" / "raw", f"${ENV_VAR}, torchvision layout"),
-        (DEBIAN_DIR, "Debian package dataset-fashion-mnist"),
-    ]
+        return []
+    return [(root / "fashion-mnist", f"${ENV_VAR}"), (root / "FashionMNIST" / "raw", f"${ENV_VAR}, torchvision layout")]
+
+
+def default_candidates() -> list[tuple[Path, str]]:
+    """robench's own places, searched after ``$ROBENCH_DATA``'s; the download cache only when it is unset."""
+    debian = (DEBIAN_DIR, "Debian package dataset-fashion-mnist")
+    if data_root() is not None:
+        return [debian]
+    return [debian, (CACHE_DIR.expanduser() / "FashionMNIST" / "raw", "download cache")]
 
 
 def idx_file(directory: Path, stem: str) -> Path | None:
@@ -100,16 +114,17 @@ def _download(root: Path) -> Path:
 def find_data() -> tuple[Path, str]:
     """The first folder holding all four idx files, and its label; download as a last resort.
 
-    :raises DataNotFoundError: nothing found and the download failed; the message lists
-        every folder searched and how to get the data
+    :raises DataNotFoundError: a ``$ROBENCH_DATA`` folder lacks some files (no other copy is
+        used then), or nothing was found and the download failed; the message lists every
+        folder searched and how to get the data
     """
     looked: list[str] = []
-    for directory, label in candidates():
-        missing = missing_files(directory)
-        if not missing:
-            return directory, label
-        state = "does not exist" if not directory.is_dir() else "lacks " + ", ".join(missing)
-        looked.append(f"  {directory} ({label}): {state}")
+    found = _first_complete(named_candidates(), looked)
+    if found is None and any(directory.is_dir() for directory, _ in named_candidates()):
+        raise _incomplete(looked)
+    found = found or _first_complete(default_candidates(), looked)
+    if found is not None:
+        return found
     root = download_root()
     try:
         directory = _download(root)
@@ -127,6 +142,27 @@ def find_data() -> tuple[Path, str]:
         + "\n".join(looked)
         + f"\nThen tried the torchvision download into {root}, which failed: {error}\n"
         + HOW_TO_GET
+    )
+
+
+def _first_complete(folders: list[tuple[Path, str]], looked: list[str]) -> tuple[Path, str] | None:
+    """The first of ``folders`` holding all four files; each incomplete one adds a line to ``looked``."""
+    for directory, label in folders:
+        missing = missing_files(directory)
+        if not missing:
+            return directory, label
+        state = "does not exist" if not directory.is_dir() else "lacks " + ", ".join(missing)
+        looked.append(f"  {directory} ({label}): {state}")
+    return None
+
+
+def _incomplete(looked: list[str]) -> DataNotFoundError:
+    return DataNotFoundError(
+        f"Fashion-MNIST in ${ENV_VAR} is incomplete:\n"
+        + "\n".join(looked)
+        + f"\nrobench reads the folder ${ENV_VAR} names, not another copy: add the missing idx files "
+        f"there (plain or .gz), or remove the incomplete folder (or unset {ENV_VAR}) to use robench's "
+        "defaults (the Debian package dataset-fashion-mnist, then a download)."
     )
 
 

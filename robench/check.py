@@ -12,7 +12,8 @@ regresses only when its accuracy drops by more than a tolerance (in percentage p
 
 Both tests are one-sided: only a drop is a regression. Cells are paired by
 :data:`KEY_COLUMNS`. Cells of the baseline missing from the run, and failed cells, fail the
-check too; cells new in the run are reported and pass.
+check too (a damaged cell file, in either folder, counts as a missing cell); cells new in
+the run are reported and pass.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,9 +30,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from robench.errors import ConfigError, RobenchError
+from robench.errors import ConfigError
 from robench.numerics import machine_notes
-from robench.storage import SCHEMA_VERSION, RunStore
+from robench.runfolder import RunData, RunFolderError, load_run
+from robench.runfolder import load_cells as load_cells  # re-exported: report.py reads cells through check
 
 KEY_COLUMNS: tuple[str, ...] = (
     "dataset",
@@ -53,20 +55,6 @@ Verdict = Literal["regressed", "failed", "missing", "new", "improved", "ok"]
 VERDICTS: tuple[Verdict, ...] = ("regressed", "failed", "missing", "new", "improved", "ok")
 FAILING: frozenset[str] = frozenset({"regressed", "failed", "missing"})
 """Verdicts that make the check exit 1."""
-
-
-class RunFolderError(RobenchError):
-    """A folder cannot be read as a robench run (missing, empty, or another schema version)."""
-
-
-@dataclass(frozen=True)
-class RunData:
-    """A run folder's cells and per-sample verdicts."""
-
-    path: Path
-    cells: pd.DataFrame
-    verdicts: dict[str, pd.DataFrame]
-    """Per cell key: indexed by sample, bool columns ``robust`` (every stored outcome correct), ``clean``."""
 
 
 @dataclass(frozen=True)
@@ -134,63 +122,6 @@ class CheckResult:
         return 0 if self.passed else 1
 
 
-def load_run(path: Path) -> RunData:
-    """Read a run folder's cells and per-sample verdicts; :class:`RunFolderError` if it is not usable."""
-    cells = load_cells(path)
-    return RunData(Path(path), cells, sample_verdicts(_read(path, RunStore(path).read_samples)))
-
-
-def load_cells(path: Path) -> pd.DataFrame:
-    """Read a run folder's cells table; :class:`RunFolderError` if it is not usable."""
-    path = Path(path)
-    if not (path / "cells").is_dir():
-        raise RunFolderError(f"{path} is not a robench run folder (it has no cells/ directory)")
-    _check_manifest_schema(path)
-    cells = _read(path, RunStore(path).read_cells)
-    if cells.empty:
-        raise RunFolderError(f"{path} holds no finished cells (cells/ is empty)")
-    versions = sorted({int(v) for v in cells["schema_version"].dropna()})
-    if versions != [SCHEMA_VERSION]:
-        raise RunFolderError(_schema_message(path, versions))
-    return cells.reset_index(drop=True)
-
-
-def _read(path: Path, reader: Callable[[], pd.DataFrame]) -> pd.DataFrame:
-    try:
-        return reader()
-    except Exception as exc:  # pyarrow raises several types for a file of another schema
-        raise RunFolderError(
-            f"{path}: cannot read its tables with results schema version {SCHEMA_VERSION} ({exc}); "
-            "rerun the benchmark with this robench"
-        ) from exc
-
-
-def _check_manifest_schema(path: Path) -> None:
-    manifest = path / "manifest.json"
-    if manifest.is_file():
-        version = json.loads(manifest.read_text()).get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise RunFolderError(_schema_message(path, [version]))
-
-
-def _schema_message(path: Path, versions: Sequence[object]) -> str:
-    found = ", ".join(str(v) for v in versions) or "none"
-    return (
-        f"{path} was written with results schema version {found}, this robench reads version "
-        f"{SCHEMA_VERSION}: rerun the benchmark (for a baseline: regenerate it) with this robench"
-    )
-
-
-def sample_verdicts(samples: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Per cell key, per sample: ``robust`` iff every stored outcome is correct; ``clean`` = version -1."""
-    out: dict[str, pd.DataFrame] = {}
-    for key, group in samples.groupby("cell_key", sort=False):
-        by_sample = group.groupby("sample")["correct"]
-        clean = group[group["version"] == -1].set_index("sample")["correct"]
-        out[str(key)] = pd.DataFrame({"robust": by_sample.all(), "clean": clean}).sort_index()
-    return out
-
-
 def mcnemar_p(baseline: np.ndarray[Any, Any], run: np.ndarray[Any, Any]) -> tuple[float, float]:
     """Exact McNemar test on paired bool verdicts: one-sided p-values (drop, rise).
 
@@ -235,11 +166,12 @@ def check(
         match = unmatched.pop(key, None)
         match = _pop_failed(unmatched, key, row) if match is None else match
         if match is None:
-            out.append(CellCheck(str(row["cell_id"]), "missing", _missing_reason(key, all_new)))
+            out.append(CellCheck(str(row["cell_id"]), "missing", _missing_reason(key, all_new, row, new)))
         else:
             out.append(_compare(old, row, new, match, tolerance, alpha))
     if all(c.verdict == "missing" for c in out):
         raise RunFolderError(_nothing_in_common(new, old))
+    out += [CellCheck(d.path.name, "missing", f"the baseline's {d.describe()}") for d in old.damaged]
     out += [CellCheck(str(r["cell_id"]), "new", "not in the baseline") for r in unmatched.values()]
     notes = machine_notes(new.cells, old.cells)
     return CheckResult(Path(run), Path(baseline), tolerance, alpha, tuple(out), notes, fail_on_rise)
@@ -282,7 +214,9 @@ def _nothing_in_common(new: RunData, old: RunData) -> str:
     )
 
 
-def _missing_reason(key: tuple[Any, ...], candidates: list[tuple[Any, ...]]) -> str:
+def _missing_reason(key: tuple[Any, ...], candidates: list[tuple[Any, ...]], row: pd.Series, new: RunData) -> str:
+    if any(d.key == row["cell_key"] for d in new.damaged):
+        return "in the baseline; the run's cell file is damaged"
     nearest = min((_differing(key, c) for c in candidates), key=len, default=[])
     hint = f"; the closest run cell differs in {', '.join(nearest)}" if nearest else ""
     return f"in the baseline, not in the run{hint}"

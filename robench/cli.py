@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,10 +17,10 @@ import pandas as pd
 import robench
 from robench.cliflags import benchmark_options, resolve_benchmark
 from robench.errors import ConfigError, RobenchError
-from robench.grid import plan
+from robench.grid import plan, select_cells
 from robench.pluginmanager import default_plugin_manager, plugin_infos
 from robench.registry import Registries
-from robench.storage import RunStore, describe_schema
+from robench.storage import DamagedFileWarning, RunStore, describe_schema
 
 F = TypeVar("F", bound=Callable[..., Any])
 BUILTIN = ("run", "plan", "list", "plugins", "show", "check", "report")
@@ -162,7 +163,7 @@ def run(
 @_SELECT
 def plan_cmd(select: str | None, **opts: Any) -> None:
     """Print the cells a run of FILE (or of the flags) would evaluate, without computing anything."""
-    cells = [c for c in plan(resolve_benchmark(opts), _registries()) if not select or select in c.id]
+    cells = select_cells(plan(resolve_benchmark(opts), _registries()), select)
     for cell in cells:
         click.echo(cell.id)
     click.echo(f"{len(cells)} cell(s)")
@@ -315,6 +316,25 @@ def format_table(table: pd.DataFrame) -> str:
 
 def main() -> None:
     """Console entry point: user errors print a message (exit 2), bugs keep their traceback."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("default", DamagedFileWarning)  # each damaged file named once, whatever the filters
+        warnings.showwarning = _one_line_warning(warnings.showwarning)
+        _main()
+
+
+def _one_line_warning(show: Callable[..., None]) -> Callable[..., None]:
+    """``show``, but a :class:`DamagedFileWarning` prints as ``warning: ...`` on stderr, without a source line."""
+
+    def showwarning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, DamagedFileWarning):
+            click.echo(f"warning: {message}", err=True)
+        else:
+            show(message, category, *args, **kwargs)
+
+    return showwarning
+
+
+def _main() -> None:
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:

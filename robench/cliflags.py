@@ -127,7 +127,8 @@ def benchmark_options(func: F) -> F:
             type=int,
             default=1000,
             show_default=True,
-            help="Evaluation subset size, drawn reproducibly from the test split.",
+            help="Evaluation subset size, drawn reproducibly from the test split. More than the split holds "
+            "is an error; its size (fashion-mnist, cifar: 10000) evaluates the whole split.",
         ),
         click.option("--sample-seed", type=int, default=0, show_default=True, help="Seed of that subset."),
         click.option(

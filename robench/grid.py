@@ -155,6 +155,19 @@ def plan(benchmark: Benchmark, registries: Registries) -> list[Cell]:
     return apply_excludes(cells, benchmark.exclude)
 
 
+def select_cells(cells: list[Cell], select: str | None) -> list[Cell]:
+    """The cells whose id contains ``select``; an error, before anything is written, if none does."""
+    if not select:
+        return cells
+    chosen = [c for c in cells if select in c.id]
+    if not chosen:
+        raise ConfigError(
+            f"-k {select!r} matches none of the {len(cells)} cell(s) of this benchmark; "
+            "`robench plan` without -k lists their ids"
+        )
+    return chosen
+
+
 def apply_excludes(cells: list[Cell], exclude: tuple[Exclude, ...]) -> list[Cell]:
     """``cells`` without those matching an exclude entry; an entry matching nothing is a typo."""
     for entry in exclude:

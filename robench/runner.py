@@ -22,7 +22,7 @@ from robench.context import Progress
 from robench.errors import ConfigError
 from robench.executor import Executor, LocalExecutor
 from robench.flags import update_flags
-from robench.grid import Cell, ModelKey, plan
+from robench.grid import Cell, ModelKey, plan, select_cells
 from robench.modelcache import ModelCache, data_fingerprint
 from robench.numerics import cpu_provenance
 from robench.pluginmanager import plugin_infos
@@ -65,14 +65,14 @@ def run(
         and build none; :class:`~robench.errors.CacheError` before any compute if one of
         the cells' models (or their surrogates) is not there
     """
+    _require_folder(run_dir, "--out", "a run folder")
+    _require_folder(cache_dir, "--cache-dir", "the model cache's folder", "--cache-dir (or $ROBENCH_CACHE)")
     registries = Registries.collect(pm)
-    cells = plan(benchmark, registries)
-    if select:
-        cells = [c for c in cells if select in c.id]
+    cells = select_cells(plan(benchmark, registries), select)
     pm.hook.robench_configure(benchmark=benchmark)
     pm.hook.robench_modify_plan(benchmark=benchmark, cells=cells)
-    for name in benchmark.datasets:  # fail on missing data before any compute
-        registries.datasets.get(name).create().locate()
+    # fail on missing data before any compute, and say which copy is used
+    data = {name: registries.datasets.get(name).create().locate() for name in benchmark.datasets}
     progress = progress or Progress()
     session = Session(
         benchmark,
@@ -84,13 +84,16 @@ def run(
         resolve_device(device),
         progress,
     )
+    for name, where in data.items():
+        progress.log(f"data: {name} from {where}")
+    _check_n_samples(session)
     session.provenance = _provenance(pm, benchmark, session.device)
-    done = session.store.finished()
+    done = session.store.finished(progress.log)  # damaged cell files are set aside and recomputed
     pending = [c for c in cells if c.key not in done]
     if models is not None:  # evaluate stored models only: fail before any compute if one is missing
         for key in _model_keys(session, pending):
             session.cache.require(key, data_fingerprint(session.data(key.dataset, "train")))
-    _write_manifest(session, cells)
+    _write_manifest(session, cells, data)
     progress.log(f"plan: {len(cells)} cells, {len(cells) - len(pending)} already finished in {run_dir}")
     results = [done[c.key] for c in cells if c.key in done]
     for result in (executor or LocalExecutor()).map(session.work, _groups(pending)):
@@ -99,10 +102,34 @@ def run(
         pm.hook.robench_cell_finish(cell=cell, result=result)
         results.append(result)
         progress.log(_line(result))
-    _write_manifest(session, cells, results)
+    _write_manifest(session, cells, data, results)
     update_flags(session.store)
     pm.hook.robench_session_finish(benchmark=benchmark, results=results)
     return Summary(run_dir, results, len(cells) - len(pending))
+
+
+def _require_folder(path: Path, flag: str, what: str, setting: str = "") -> None:
+    """Fail before any compute if ``path``, or a folder above it, is an existing file."""
+    for folder in (path, *path.parents):
+        if folder.is_dir():
+            return
+        if folder.exists():
+            fix = f"give {setting or flag} the path of a folder (it is created if missing)"
+            if folder == path:
+                raise ConfigError(f"{flag} {path} is a file, but robench needs {what} there; {fix}")
+            raise ConfigError(f"{flag} {path}: {folder} is a file, so {what} cannot be created under it; {fix}")
+
+
+def _check_n_samples(session: Session) -> None:
+    """Refuse an evaluation subset larger than a test split: it would silently shrink to the split."""
+    n = session.benchmark.n_samples
+    for name in session.benchmark.datasets:
+        size = len(session.data(name, "test"))  # loaded once: the session keeps it for the run
+        if n > size:
+            raise ConfigError(
+                f"--n-samples {n} is more than {name}'s {size} test images; use at most {size} "
+                f"({size} evaluates the whole test split; in a benchmark file: [evaluation] n_samples)"
+            )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -153,7 +180,9 @@ def _git_revision() -> str:
     return out.stdout.strip() if out.returncode == 0 else ""
 
 
-def _write_manifest(session: Session, cells: list[Cell], results: Sequence[CellResult] = ()) -> None:
+def _write_manifest(
+    session: Session, cells: list[Cell], data: dict[str, str], results: Sequence[CellResult] = ()
+) -> None:
     # a stored row read back has NaN, not "", where an older robench wrote no engine
     engines = {r.cell_id: e for r in results if isinstance(e := r.row.get("quantized_engine"), str) and e}
     listed = {c.key: c.id for c in cells}
@@ -169,6 +198,7 @@ def _write_manifest(session: Session, cells: list[Cell], results: Sequence[CellR
             "provenance": session.provenance,
             "cells": [{"key": key, "id": cell_id} for key, cell_id in listed.items()],
             "eval_indices": {d: session.eval_indices(d).tolist() for d in session.benchmark.datasets},
+            "data": {**previous.get("data", {}), **data},  # dataset -> the folder it was read from, and why
             "models": {**previous.get("models", {}), **models},
             "quantized_engines": {**previous.get("quantized_engines", {}), **engines},  # int8 kernels, by cell id
         }
@@ -181,5 +211,15 @@ def _line(result: CellResult) -> str:
         return f"FAILED {r['cell_id']}: {r['error']}"
     return (
         f"done {r['cell_id']}: clean {100 * r['clean_acc']:.1f}%  robust {100 * r['robust_acc']:.1f}% "
-        f"[{100 * r['robust_ci_low']:.1f}, {100 * r['robust_ci_high']:.1f}]  n={r['n']}"
+        f"[{100 * r['robust_ci_low']:.1f}, {100 * r['robust_ci_high']:.1f}]  n={r['n']}  {_checks_text(r)}"
     )
+
+
+def _checks_text(row: dict[str, Any]) -> str:
+    """``checks ok (0.4 % of the cell)`` or what fired, and what found masked gradients."""
+    share = row["check_seconds"] / max(row["check_seconds"] + row["attack_seconds"], 1e-9)
+    text = f"checks {row['checks']} ({100 * share:.1f} % of the cell)"
+    if row["masking_found_by"]:
+        found = json.loads(row["masking_found_by"])
+        text += "; masking found by " + ", ".join(f"{use} ({n} samples)" for use, n in found.items())
+    return text

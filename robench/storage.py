@@ -10,6 +10,12 @@ Each file is written to a hidden temporary name and renamed into place, so a cra
 leaves a half-written file that looks finished; pyarrow ignores hidden files when it reads
 the folder as one dataset. A cell counts as finished once its ``cells/`` file exists; the
 samples file is written first.
+
+A file damaged afterwards (a copy cut short, a full disk) must not block the whole folder:
+readers skip it with a :class:`DamagedFileWarning`, and resuming (:meth:`RunStore.finished`)
+moves it aside as ``_<key>.parquet.damaged`` and recomputes its cell. The ``.damaged``
+suffix keeps it out of robench's ``*.parquet`` reader, the leading underscore out of
+pyarrow's (and Spark's) when they read the folder as one dataset.
 """
 
 from __future__ import annotations
@@ -17,10 +23,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 import pyarrow as pa
@@ -137,19 +144,69 @@ class CellResult:
         return str(self.row["cell_id"])
 
 
+class DamagedFileWarning(UserWarning):
+    """A file of a run folder could not be read and was skipped; the rest was read."""
+
+
+@dataclass(frozen=True)
+class DamagedFile:
+    """A file of a run folder that pyarrow cannot read, and why."""
+
+    path: Path
+    problem: str
+    """The reader's error in one line, e.g. ``ArrowInvalid: Parquet magic bytes not found in footer...``."""
+
+    @property
+    def key(self) -> str:
+        """The key of the cell the file belongs to (its name)."""
+        return self.path.name.removesuffix(".parquet")
+
+    def describe(self) -> str:
+        """``damaged cell file PATH (PROBLEM)``, or ``damaged samples file ...``."""
+        kind = "cell" if self.path.parent.name == "cells" else "samples"
+        return f"damaged {kind} file {self.path} ({self.problem})"
+
+
+TableName = Literal["cells", "samples"]
+
+
 class RunStore:
     """Reads and writes one run folder."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
 
-    def finished(self) -> dict[str, CellResult]:
-        """Cells already stored with status ok, by cell key (these are skipped on resume)."""
+    def finished(self, report: Callable[[str], None] | None = None) -> dict[str, CellResult]:
+        """Cells already stored with status ok, by cell key (these are skipped on resume).
+
+        A damaged cell or samples file is moved aside (``_<key>.parquet.damaged``) and its
+        cell left out, so the run recomputes it; ``report`` gets one line per file (default:
+        a :class:`DamagedFileWarning`).
+        """
         if not (self.path / "cells").is_dir():
             return {}
-        table = self.read_cells()
-        ok = table[table["status"] == "ok"]
-        return {str(row["cell_key"]): CellResult({str(k): v for k, v in row.items()}) for row in ok.to_dict("records")}
+        say = report or _warn
+        table, damaged = self.read_table("cells")
+        damaged += self.read_table("samples")[1]
+        unfinished = set()
+        for file in damaged:
+            say(f"{file.describe()}: moved to {set_aside(file.path).name}; the cell will be recomputed")
+            unfinished.add(file.key)
+        ok = table[(table["status"] == "ok") & ~table["cell_key"].isin(unfinished)]
+        done = {str(row["cell_key"]): CellResult({str(k): v for k, v in row.items()}) for row in ok.to_dict("records")}
+        for key in self._samples_set_aside(done):  # an earlier resume moved them, then stopped before recomputing
+            say(f"samples file of cell {done[key].cell_id} was set aside as damaged; the cell will be recomputed")
+            del done[key]
+        return done
+
+    def _samples_set_aside(self, keys: Iterable[str]) -> list[str]:
+        """The keys whose samples file is absent because it was moved aside as damaged."""
+        folder = self.path / "samples"
+        return [
+            key
+            for key in keys
+            if not (folder / f"{key}.parquet").exists() and (folder / f"_{key}.parquet.damaged").exists()
+        ]
 
     def write(self, result: CellResult) -> Path:
         """Store one cell atomically: samples first, then the row that marks it finished."""
@@ -163,12 +220,16 @@ class RunStore:
         return target
 
     def read_cells(self) -> pd.DataFrame:
-        """Every stored cell as one table."""
-        return _read_folder(self.path / "cells", CELL_SCHEMA)
+        """Every stored cell as one table; a damaged file is skipped with a :class:`DamagedFileWarning`."""
+        return _warned(self.read_table("cells"))
 
     def read_samples(self) -> pd.DataFrame:
-        """Every stored per-sample outcome as one table."""
-        return _read_folder(self.path / "samples", SAMPLE_SCHEMA)
+        """Every stored per-sample outcome as one table; damaged files are skipped, as by :meth:`read_cells`."""
+        return _warned(self.read_table("samples"))
+
+    def read_table(self, name: TableName) -> tuple[pd.DataFrame, list[DamagedFile]]:
+        """The ``cells`` or ``samples`` table, and the files skipped because they cannot be read."""
+        return _read_folder(self.path / name, CELL_SCHEMA if name == "cells" else SAMPLE_SCHEMA)
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         """Write ``manifest.json`` atomically."""
@@ -195,11 +256,57 @@ def describe_schema() -> Iterator[tuple[str, str, str, str]]:
             yield table, name, str(dtype), doc
 
 
-def _read_folder(folder: Path, schema: pa.Schema) -> pd.DataFrame:
+def set_aside(path: Path) -> Path:
+    """Rename a damaged file to ``_<name>.damaged`` (``.damaged.1``, ... if taken); return the new path."""
+    target = path.with_name(f"_{path.name}.damaged")
+    count = 0
+    while target.exists():
+        count += 1
+        target = path.with_name(f"_{path.name}.damaged.{count}")
+    path.rename(target)
+    return target
+
+
+def warn_damaged(file: DamagedFile) -> None:
+    """Warn that ``file`` was skipped, in one line that says what to do about it."""
+    _warn(f"{file.describe()}: skipped (restore it, or resume the run with `robench run` to recompute the cell)")
+
+
+def _warn(message: str) -> None:
+    warnings.warn(DamagedFileWarning(message), stacklevel=2)
+
+
+def _warned(read: tuple[pd.DataFrame, list[DamagedFile]]) -> pd.DataFrame:
+    for file in read[1]:
+        warn_damaged(file)
+    return read[0]
+
+
+def _read_folder(folder: Path, schema: pa.Schema) -> tuple[pd.DataFrame, list[DamagedFile]]:
     files = sorted(p for p in folder.glob("*.parquet") if not p.name.startswith(".")) if folder.is_dir() else []
-    table = pq.ParquetDataset(files, schema=schema).read() if files else schema.empty_table()
+    damaged: list[DamagedFile] = []
+    try:
+        # One dataset read: fast, and it fills the columns older files lack with nulls.
+        table = pq.ParquetDataset(files, schema=schema).read() if files else schema.empty_table()
+    except (pa.ArrowException, OSError):
+        # Only now look at each file: the healthy folder's read stays one call.
+        damaged = [d for d in map(_damage, files) if d is not None]
+        if not damaged:
+            raise  # not a damaged file (e.g. another schema): the caller reports it
+        good = [p for p in files if p not in {d.path for d in damaged}]
+        table = pq.ParquetDataset(good, schema=schema).read() if good else schema.empty_table()
     frame: pd.DataFrame = table.to_pandas()
-    return frame
+    return frame, damaged
+
+
+def _damage(path: Path) -> DamagedFile | None:
+    """Why ``path`` cannot be read as a parquet file, or None if it can."""
+    try:
+        with pq.ParquetFile(path) as handle:
+            handle.read()
+    except (pa.ArrowException, OSError) as exc:
+        return DamagedFile(path, " ".join(f"{type(exc).__name__}: {exc}".split()))
+    return None
 
 
 def _atomic_parquet(table: pa.Table, target: Path) -> None:

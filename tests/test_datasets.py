@@ -339,11 +339,10 @@ def test_cifar_labels_out_of_range(isolated: Path) -> None:
         CIFAR10().load("train")
 
 
-def test_cifar_missing_names_place_and_download_error(
-    isolated: Path, monkeypatch: pytest.MonkeyPatch, downloads: list[tuple[str, ...]]
-) -> None:
-    data = isolated / "data"
-    monkeypatch.setenv("ROBENCH_DATA", str(data))
+def test_cifar_missing_names_place_and_download_error(isolated: Path, downloads: list[tuple[str, ...]]) -> None:
+    # An incomplete folder in robench's own cache is downloaded again (one in $ROBENCH_DATA is
+    # an error instead: tests/test_bad_inputs.py).
+    data = isolated / "cache"
     write_batch(data / "cifar-10-batches-py" / "data_batch_1", 1, "labels", 10, 0, True)
     with pytest.raises(DataNotFoundError) as info:
         CIFAR10().locate()
