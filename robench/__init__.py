@@ -14,6 +14,7 @@ from robench.attack import Attack
 from robench.context import Context, DataShape, ImageData, Threat
 from robench.dataset import Dataset
 from robench.defense import Defense, Variant
+from robench.errors import CacheError, ConfigError, DataNotFoundError, RobenchError
 from robench.protocol import AttackUse, Protocol, ProtocolDef, Surrogate
 
 try:
@@ -28,13 +29,17 @@ __all__ = [
     "Architecture",
     "Attack",
     "AttackUse",
+    "CacheError",
+    "ConfigError",
     "Context",
+    "DataNotFoundError",
     "DataShape",
     "Dataset",
     "Defense",
     "ImageData",
     "Protocol",
     "ProtocolDef",
+    "RobenchError",
     "Surrogate",
     "Threat",
     "Variant",

@@ -27,6 +27,8 @@ class Variant:
     :param quantized_engine: for an integer model, the ``torch.backends.quantized`` engine
         whose kernels it runs (``qnnpack``, ``x86``, ...): recorded in the row's provenance,
         since int8 kernels of different engines need not compute the same
+    :param weights_sha256: for a model loaded from a file (a checkpoint, a model zoo's
+        weights), the file's sha256, recorded in the row; empty for trained models
     """
 
     name: str
@@ -35,6 +37,7 @@ class Variant:
     randomized: bool = False
     bits: int = 32
     quantized_engine: str = ""
+    weights_sha256: str = ""
 
     @property
     def attack_model(self) -> nn.Module:

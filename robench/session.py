@@ -207,6 +207,7 @@ class Session:
             "exhaustive": self.benchmark.exhaustive,
             "randomized": variant.randomized,
             "quantized_engine": variant.quantized_engine,
+            "weights_sha256": declared.weights_sha256,
             "eot": p.eot if variant.randomized else 0,
             "votes": p.votes if variant.randomized else 1,
             "params": eff.params,

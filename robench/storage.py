@@ -105,6 +105,7 @@ _CELL_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("git_revision", pa.string(), "git revision of the working directory, if any"),
     ("config_hash", pa.string(), "hash of the benchmark configuration"),
     ("model_hash", pa.string(), "content hash of the model key (model cache directory)"),
+    ("weights_sha256", pa.string(), "models loaded from a file (checkpoint, model zoo): the file's sha256; else empty"),
     ("started_at", pa.timestamp("us", tz="UTC"), "when the cell's evaluation started"),
     ("finished_at", pa.timestamp("us", tz="UTC"), "when it finished"),
 ]
