@@ -101,6 +101,8 @@ class Context:
     :param progress: progress reporting
     :param get_models: builds (or loads from cache) another defense's variants, e.g. the
         start model of a fine-tuning defense: ``get_models("advt", {"eps": 0.1})``
+    :param dataset: the dataset's registry name (``fashion-mnist``, ``cifar10``, ...), for
+        defenses that load models made for one dataset
     """
 
     train: ImageData
@@ -113,6 +115,7 @@ class Context:
     default_eps: float = 0.0
     progress: Progress = field(default_factory=Progress)
     get_models: Callable[[str, dict[str, object]], dict[str, nn.Module]] | None = None
+    dataset: str = ""
 
     def generator(self, salt: int = 0) -> torch.Generator:
         """A CPU generator seeded from the cell's seed (and ``salt``, for independent streams)."""

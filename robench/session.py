@@ -118,6 +118,7 @@ class Session:
             cache_dir=folder.with_name(folder.name + ".work"),
             default_eps=dataset_cls.default_eps["linf"],
             progress=self.progress,
+            dataset=key.dataset,
             get_models=lambda name, params: self.models(
                 self.model_key(key.dataset, key.arch, PluginSpec.of(name, params), key.seed)
             )[0],
