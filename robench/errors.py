@@ -52,13 +52,3 @@ class DataNotFoundError(RobenchError):
 
 class CacheError(RobenchError):
     """A cached artefact is missing (`robench run --models`), corrupt, or does not match its key."""
-
-
-class PluginExecutionFailed(RobenchError):
-    """A plugin raised while building a model or attacking; the cell is stored as an error."""
-
-    def __init__(self, cell_id: str, plugin: str, exc: BaseException) -> None:
-        super().__init__(f"{cell_id}: plugin {plugin} failed: {type(exc).__name__}: {exc}")
-        self.cell_id = cell_id
-        self.plugin = plugin
-        self.original = exc

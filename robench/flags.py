@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from robench.storage import RunStore
+from robench.storage import CROSS_CELL_FLAGS, RunStore
 
 LARGE_EPS = 0.5  # Linf 0.5 can turn any [0, 1] image into flat grey
 MODEL_COLUMNS = ["dataset", "arch", "defense", "defense_params", "seed", "variant"]
@@ -46,12 +46,7 @@ def update_flags(store: RunStore) -> None:
     if table.empty:
         return
     flagged = compute_flags(table)
-    columns = [
-        "flag_eps_not_monotonic",
-        "flag_whitebox_above_transfer",
-        "flag_large_eps_survives",
-        "flag_randomized_without_eot",
-    ]
+    columns = list(CROSS_CELL_FLAGS)
     changed = (flagged[columns].fillna(False) != table[columns].fillna(False)).any(axis=1)
     if changed.any():
         store.rewrite_cells(flagged[changed])

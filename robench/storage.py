@@ -210,7 +210,12 @@ class RunStore:
         ]
 
     def write(self, result: CellResult) -> Path:
-        """Store one cell atomically: samples first, then the row that marks it finished."""
+        """Store one cell atomically: samples first, then the row that marks it finished.
+
+        :raises ValueError: if the row or the samples do not match the schema (see
+            :func:`check_row`): a bug in the code that made them, never silently stored
+        """
+        check_row(result)
         key = result.row["cell_key"]
         samples = result.samples or {name: [] for name in SAMPLE_SCHEMA.names}
         _atomic_parquet(pa.Table.from_pydict(samples, schema=SAMPLE_SCHEMA), self.path / "samples" / f"{key}.parquet")
@@ -248,6 +253,37 @@ class RunStore:
         """The run's manifest."""
         manifest: dict[str, Any] = json.loads((self.path / "manifest.json").read_text())
         return manifest
+
+
+CROSS_CELL_FLAGS = (
+    "flag_eps_not_monotonic",
+    "flag_whitebox_above_transfer",
+    "flag_large_eps_survives",
+    "flag_randomized_without_eot",
+)
+"""Flags that compare cells: set over the whole folder after a run (robench/flags.py), so a
+row is written without them."""
+ERROR_ROW_COLUMNS = frozenset({"cell_key", "cell_id", "status", "error", "started_at", "finished_at"})
+"""What an ``error`` row must hold at least; its measurements stay null."""
+
+
+def check_row(result: CellResult) -> None:
+    """Raise ``ValueError`` unless ``result`` matches the schema: no column the schema lacks, every
+    column for an ``ok`` row (but ``schema_version``, which :meth:`RunStore.write` sets, and
+    :data:`CROSS_CELL_FLAGS`), at least
+    :data:`ERROR_ROW_COLUMNS` for an ``error`` row, and samples with exactly the samples columns."""
+    names = set(CELL_SCHEMA.names)
+    unknown = sorted(set(result.row) - names)
+    status = result.row.get("status")
+    required = names - {"schema_version", *CROSS_CELL_FLAGS} if status == "ok" else ERROR_ROW_COLUMNS
+    missing = sorted(required - set(result.row))
+    if unknown or missing or status not in ("ok", "error"):
+        raise ValueError(
+            f"cell row {result.row.get('cell_id', '?')} does not match the cells schema (status {status!r}): "
+            f"unknown columns {unknown}, missing columns {missing}; add new columns to the schema in storage.py"
+        )
+    if result.samples and set(result.samples) != set(SAMPLE_SCHEMA.names):
+        raise ValueError(f"samples columns {sorted(result.samples)} are not the schema's {SAMPLE_SCHEMA.names}")
 
 
 def describe_schema() -> Iterator[tuple[str, str, str, str]]:

@@ -165,9 +165,9 @@ def test_mcnemar_when_the_same_samples_were_scored_else_z(runs: dict[str, Path],
     other = copy_run(runs["base"], tmp_path / "other-samples")
     samples = other.read_samples()
     samples["sample"] += 1000  # same cells, other sample indices: not paired
+    rows = RunStore(runs["base"]).read_cells().set_index("cell_key", drop=False)
     for key, group in samples.groupby("cell_key"):
-        other.write(CellResult({"cell_key": key}, group.to_dict("list")))
-    other.rewrite_cells(RunStore(runs["base"]).read_cells())  # write() above overwrote the rows
+        other.write(CellResult(rows.loc[key].to_dict(), group.to_dict("list")))
     assert {c.test for c in check(runs["base"], other.path).cells} == {"z"}
 
 
