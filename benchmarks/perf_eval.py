@@ -36,7 +36,7 @@ from robench.losses import cross_entropy
 from robench.metrics import wilson_interval
 from robench.modelcache import ModelCache
 from robench.pluginmanager import get_plugin_manager
-from robench.plugins.pgd import KeyedPGD
+from robench.plugins._keyed import KeyedPGD
 from robench.protocol import AttackUse, Protocol, Surrogate
 from robench.registry import Registries
 from robench.runner import run

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 import robench
-from robench.context import DataShape
+from robench import DataShape
 
 # -- cnn8 ----------------------------------------------------------------------------
 

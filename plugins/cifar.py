@@ -24,9 +24,7 @@ import numpy as np
 import torch
 
 import robench
-from robench.context import DataShape, ImageData, Norm
-from robench.dataset import Split
-from robench.errors import ConfigError, DataNotFoundError
+from robench import ConfigError, DataNotFoundError, DataShape, ImageData, Norm, Split
 
 ENV_VAR = "ROBENCH_DATA"
 CACHE_DIR = Path("~/.cache/robench/data")

@@ -32,9 +32,7 @@ import numpy as np
 import torch
 
 import robench
-from robench.context import DataShape, ImageData, Norm
-from robench.dataset import Split
-from robench.errors import ConfigError, DataNotFoundError
+from robench import ConfigError, DataNotFoundError, DataShape, ImageData, Norm, Split
 
 ENV_VAR = "ROBENCH_DATA"
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")

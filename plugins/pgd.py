@@ -15,89 +15,9 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from torchattacks.attack import Attack
 
 import robench
-from robench.attack import sample_normal, sample_uniform
-from robench.context import Norm
-from robench.losses import LossFn, LossName, get_loss
-
-_TINY = 1e-10  # torchattacks' eps_for_division in PGDL2
-
-
-class KeyedPGD(Attack):  # type: ignore[misc]
-    """torchattacks attack running PGD from a given per-sample start, with a chosen loss.
-
-    Built on torchattacks' ``Attack`` base for its model-mode and input-range handling.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        norm: Norm,
-        eps: float,
-        alpha: float,
-        steps: int,
-        start: Tensor | None,
-        loss: LossFn,
-        stop_on_success: bool = False,
-    ) -> None:
-        super().__init__("KeyedPGD", model)
-        self.norm, self.eps, self.alpha, self.steps = norm, eps, alpha, steps
-        self.start, self.loss, self.stop_on_success = start, loss, stop_on_success
-        self.supported_mode = ["default"]
-
-    def forward(self, images: Tensor, labels: Tensor) -> Tensor:
-        """Run the iteration; returns adversarial images in the eps-ball and in [0, 1].
-
-        With ``stop_on_success`` a sample is frozen at its first iterate the model
-        misclassifies (it is adversarial, so further steps are wasted work) and later steps
-        run only on the samples still classified correctly.
-        """
-        images = images.clone().detach().to(self.device)
-        labels = labels.clone().detach().to(self.device)
-        adv = images.clone()
-        if self.start is not None:
-            adv = self._project(images, adv + self.start.to(adv.device))
-        if not self.stop_on_success:
-            for _ in range(self.steps):
-                adv = self._step(images, adv, labels)[0]
-            return adv
-        live = torch.arange(len(adv), device=adv.device)
-        for _ in range(self.steps):
-            stepped, fooled = self._step(images[live], adv[live], labels[live])
-            keep = ~fooled
-            adv[live[keep]] = stepped[keep]
-            live = live[keep]
-            if len(live) == 0:
-                break
-        return adv
-
-    def _step(self, images: Tensor, adv: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """One step; also which inputs the model already misclassified before it."""
-        adv = adv.detach().requires_grad_(True)
-        logits = self.get_logits(adv)
-        grad = torch.autograd.grad(self.loss(logits, labels).sum(), adv)[0]
-        stepped = self._project(images, adv.detach() + self.alpha * step_direction(grad, self.norm))
-        return stepped, logits.detach().argmax(dim=1) != labels
-
-    def _project(self, images: Tensor, adv: Tensor) -> Tensor:
-        delta = adv - images
-        if self.norm == "linf":
-            delta = delta.clamp(-self.eps, self.eps)
-        else:
-            norms = delta.flatten(1).norm(p=2, dim=1).view(-1, 1, 1, 1)
-            delta = delta * torch.clamp(self.eps / norms, max=1.0)
-        return torch.clamp(images + delta, 0, 1)
-
-
-def step_direction(grad: Tensor, norm: Norm) -> Tensor:
-    """The step direction: the gradient's sign (Linf) or the unit gradient (L2)."""
-    if norm == "linf":
-        return grad.sign()
-    norms = grad.flatten(1).norm(p=2, dim=1).view(-1, 1, 1, 1) + _TINY
-    return grad / norms
+from robench import LossName, Norm, get_loss, sample_normal, sample_uniform
 
 
 def random_start(keys: Tensor, x: Tensor, norm: Norm, eps: float) -> Tensor:
@@ -164,6 +84,8 @@ class PGD(robench.Attack):
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, threat: robench.Threat, keys: Tensor) -> Tensor:
         """Run PGD from the per-sample start given by ``keys``."""
+        from robench.plugins._keyed import KeyedPGD  # torchattacks: imported when an attack runs
+
         attack = KeyedPGD(model, **engine_settings(self, x, threat, keys), stop_on_success=self.stop_on_success)
         out: Tensor = attack(x, y)
         return out
@@ -188,6 +110,8 @@ class FGSM(robench.Attack):
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, threat: robench.Threat, keys: Tensor) -> Tensor:
         """One gradient step of length eps from the clean input."""
+        from robench.plugins._keyed import KeyedPGD
+
         attack = KeyedPGD(
             model,
             norm=threat.norm,
@@ -207,4 +131,4 @@ def robench_attacks() -> list[type[robench.Attack]]:
     return [FGSM, PGD]
 
 
-__all__ = ["FGSM", "PGD", "KeyedPGD", "random_start"]
+__all__ = ["FGSM", "PGD", "engine_settings", "random_start"]

@@ -9,8 +9,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import robench
-from robench.config import PluginSpec
-from robench.protocol import AttackUse, Protocol, ProtocolDef, Surrogate
+from robench import AttackUse, PluginSpec, Protocol, ProtocolDef, Surrogate
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -22,7 +22,7 @@ from typing import ClassVar, Literal
 from torch import nn
 
 import robench
-from robench.training import Schedule, pgd_inputs, train
+from robench import Schedule, pgd_inputs, train
 
 _CIFAR = {
     "epochs": 200,

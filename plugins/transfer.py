@@ -2,9 +2,9 @@
 
 torchattacks' MI-FGSM and DI2-FGSM draw random starts and transforms per batch from the
 global generator, so a sample's result would depend on its batch (DESIGN.md §5), and it
-has no SGM. Written here is what it lacks: :class:`KeyedIterative` (plugins/pgd.py's
-KeyedPGD loop plus MI-FGSM momentum, a per-iteration input transform and EOT averaging,
-which plugins/zoo.py's EOT-PGD reuses), :class:`InputDiversity` (Xie et al.'s
+has no SGM. Written here is what it lacks: the keyed momentum iteration (plugins/_keyed.py's
+KeyedIterative: KeyedPGD plus MI-FGSM momentum, a per-iteration input transform and EOT
+averaging, which plugins/zoo.py's EOT-PGD reuses), :class:`InputDiversity` (Xie et al.'s
 resize-and-pad, keyed per sample and iteration, batched through ``grid_sample``) and
 :func:`skip_gradients` (SGM's backward hooks). Step, projection and clipping are
 torchattacks' MIFGSM; a test checks they agree exactly. These attacks run every step on
@@ -16,107 +16,24 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import robench
-from robench.attack import sample_uniform
-from robench.context import Norm
-from robench.losses import LossFn, LossName
-from robench.plugins.pgd import KeyedPGD, engine_settings, step_direction
+from robench import LossName, Norm, sample_uniform
+from robench.plugins.pgd import engine_settings
 
-Transform = Callable[[Tensor, int, Tensor], Tensor]
-"""An input transform applied before the forward pass: ``(x, step, index) -> x'``, where
-``index`` gives the positions in the batch of the samples in ``x``."""
+if TYPE_CHECKING:
+    from robench.plugins._keyed import Transform
 Grads = tuple[Tensor | None, ...]
 BackwardHook = Callable[[nn.Module, Grads, Grads], Grads]
 
 # Offset added to the keys for the input-diversity draws, so they form a stream independent
 # of the random start, which random_start draws from the keys themselves.
 _DIVERSITY_STREAM = 7919
-
-
-def momentum_step(grad: Tensor, momentum: Tensor, decay: float) -> Tensor:
-    """MI-FGSM's accumulation ``g' = grad / mean|grad| + decay * g``, per sample.
-
-    The mean absolute value is the L1 norm up to a constant, which the sign step ignores.
-    """
-    scale = grad.abs().mean(dim=tuple(range(1, grad.ndim)), keepdim=True)
-    # A sample whose loss is flat (e.g. a CW margin already met) has a zero gradient;
-    # torchattacks would divide 0 by 0 and make the sample NaN. Nonzero scales are untouched.
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    return grad / scale + momentum * decay
-
-
-class KeyedIterative(KeyedPGD):
-    """:class:`KeyedPGD` with optional momentum, input transform and EOT gradient averaging.
-
-    With ``decay=None``, no transform and ``eot_iter=1`` it is exactly :class:`KeyedPGD`,
-    ``stop_on_success`` included.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        norm: Norm,
-        eps: float,
-        alpha: float,
-        steps: int,
-        start: Tensor | None,
-        loss: LossFn,
-        stop_on_success: bool = False,
-        decay: float | None = None,
-        transform: Transform | None = None,
-        eot_iter: int = 1,
-    ) -> None:
-        super().__init__(
-            model, norm=norm, eps=eps, alpha=alpha, steps=steps, start=start, loss=loss, stop_on_success=stop_on_success
-        )
-        self.decay, self.transform, self.eot_iter = decay, transform, eot_iter
-
-    def forward(self, images: Tensor, labels: Tensor) -> Tensor:
-        """Run the iteration; returns adversarial images in the eps-ball and in [0, 1]."""
-        images = images.clone().detach().to(self.device)
-        labels = labels.clone().detach().to(self.device)
-        adv = images.clone()
-        if self.start is not None:
-            adv = self._project(images, adv + self.start.to(adv.device))
-        momentum = torch.zeros_like(images)
-        live = torch.arange(len(adv), device=adv.device)  # samples still iterated
-        for step in range(self.steps):
-            grad, fooled = self.gradient(adv[live], labels[live], step, live)
-            if self.stop_on_success:  # freeze samples whose current iterate is adversarial
-                live, grad = live[~fooled], grad[~fooled]
-                if len(live) == 0:
-                    break
-            if self.decay is not None:
-                grad = momentum[live] = momentum_step(grad, momentum[live], self.decay)
-            adv[live] = self._project(images[live], adv[live] + self.alpha * step_direction(grad, self.norm))
-        return adv
-
-    def gradient(self, adv: Tensor, labels: Tensor, step: int, index: Tensor) -> tuple[Tensor, Tensor]:
-        """The loss gradient summed over ``eot_iter`` passes, and which inputs are misclassified.
-
-        A sum, not a mean: the step direction (sign, or L2-normalised) ignores the factor.
-        Each pass is a separate graph, so memory does not grow with ``eot_iter``, and a
-        randomized model draws its randomness afresh in every forward call. Several draws
-        predict by their mean probability, as robench's ExpectationModel does.
-
-        :param index: the samples' positions in the batch, for per-sample transforms
-        """
-        adv = adv.detach().requires_grad_(True)
-        grad = torch.zeros_like(adv)
-        scores = []
-        for _ in range(self.eot_iter):
-            inputs = adv if self.transform is None else self.transform(adv, step, index)
-            logits = self.get_logits(inputs)
-            grad += torch.autograd.grad(self.loss(logits, labels).sum(), adv)[0]
-            scores.append(logits.detach() if self.eot_iter == 1 else logits.detach().softmax(dim=1))
-        return grad, torch.stack(scores).mean(dim=0).argmax(dim=1) != labels
 
 
 # -- Input diversity (M-DI2-FGSM) ----------------------------------------------------
@@ -266,6 +183,8 @@ class MIFGSM(robench.Attack):
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, threat: robench.Threat, keys: Tensor) -> Tensor:
         """Run momentum PGD from the per-sample start given by ``keys``."""
+        from robench.plugins._keyed import KeyedIterative  # torchattacks: imported when an attack runs
+
         attack = KeyedIterative(
             model, **engine_settings(self, x, threat, keys), decay=self.decay, transform=self._transform(x, keys)
         )
@@ -357,6 +276,8 @@ class SGM(robench.Attack):
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, threat: robench.Threat, keys: Tensor) -> Tensor:
         """PGD from the clean input with skip-gradient hooks in place (nothing is random)."""
+        from robench.plugins._keyed import KeyedPGD
+
         attack = KeyedPGD(model, **engine_settings(self, x, threat, keys))  # SGM: no random start
         with skip_gradients(model, self.gamma):
             out: Tensor = attack(x, y)
@@ -374,8 +295,6 @@ __all__ = [
     "MIFGSM",
     "SGM",
     "InputDiversity",
-    "KeyedIterative",
-    "momentum_step",
     "residual_blocks",
     "resize_pad",
     "skip_gradients",

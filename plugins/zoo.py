@@ -2,7 +2,7 @@
 
 EOT-PGD keeps robench's per-sample keyed random starts (it is plugins/pgd.py's PGD with the
 gradient averaged over draws of a randomized model, through plugins/transfer.py's
-:class:`~robench.plugins.transfer.KeyedIterative`).
+:class:`~robench.plugins._keyed.KeyedIterative`).
 
 APGD, Square and AutoAttack are torchattacks' own code, which takes ONE seed for the whole
 batch and reseeds the global generators with it. Their random starts and queries therefore
@@ -15,18 +15,20 @@ the same keys gives the same result, and the caller's global generators are rest
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
-import torchattacks
 from torch import Tensor, nn
-from torchattacks.attack import Attack as TorchAttack
-from torchattacks.wrappers.multiattack import MultiAttack
 
 import robench
-from robench.context import Norm
+from robench import Norm
 from robench.plugins.pgd import PGD, engine_settings
-from robench.plugins.transfer import KeyedIterative
+
+if TYPE_CHECKING:
+    from torchattacks.attack import Attack as TorchAttack
+
+# torchattacks is imported inside each perturb(): importing it costs about 1.5 s (its attacks
+# pull in scipy), which `robench list` and plugin-name errors should not wait for.
 
 _TA_NORM: dict[Norm, str] = {"linf": "Linf", "l2": "L2"}
 """robench's norm names -> torchattacks'."""
@@ -101,6 +103,8 @@ class EOTPGD(PGD):
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, threat: robench.Threat, keys: Tensor) -> Tensor:
         """Run EOT-PGD from the per-sample start given by ``keys``."""
         settings = engine_settings(self, x, threat, keys)
+        from robench.plugins._keyed import KeyedIterative  # torchattacks: imported when an attack runs
+
         attack = KeyedIterative(model, **settings, stop_on_success=self.stop_on_success, eot_iter=self.eot_iter)
         out: Tensor = attack(x, y)
         return out
@@ -144,6 +148,8 @@ class APGD(robench.Attack):
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, threat: robench.Threat, keys: Tensor) -> Tensor:
         """One APGD run seeded from the batch's keys."""
+        import torchattacks
+
         attack = torchattacks.APGD(
             model,
             norm=_TA_NORM[threat.norm],
@@ -197,6 +203,8 @@ class Square(robench.Attack):
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, threat: robench.Threat, keys: Tensor) -> Tensor:
         """One Square run seeded from the batch's keys."""
         check_square_fits(x, threat)
+        import torchattacks
+
         attack = torchattacks.Square(
             model,
             norm=_TA_NORM[threat.norm],
@@ -248,6 +256,9 @@ class AutoAttack(robench.Attack):
         with torch.no_grad():
             n_classes = int(model(x[:1]).shape[1])
         common = {"norm": _TA_NORM[threat.norm], "eps": threat.eps, "seed": batch_seed(keys), "n_restarts": 1}
+        import torchattacks
+        from torchattacks.wrappers.multiattack import MultiAttack
+
         attack = MultiAttack(
             [
                 torchattacks.APGD(model, **common, steps=self.steps, loss="ce"),

@@ -9,28 +9,35 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-import pandas as pd
 
 import robench
 from robench.cliflags import benchmark_options, resolve_benchmark
-from robench.errors import ConfigError, RobenchError
-from robench.grid import plan, select_cells
-from robench.pluginmanager import default_plugin_manager, plugin_infos
-from robench.registry import Registries
-from robench.storage import DamagedFileWarning, RunStore, describe_schema
+from robench.errors import ConfigError, DamagedFileWarning, RobenchError
+from robench.pluginmanager import default_plugin_manager, plugin_distributions, plugin_infos
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from robench.registry import Registries
+
+# Modules that import torch, pandas or pyarrow are imported inside the commands that need
+# them: `robench --help`, `--version` and flag errors answer in well under a second.
 
 F = TypeVar("F", bound=Callable[..., Any])
 BUILTIN = ("run", "plan", "list", "plugins", "show", "check", "report")
 
 
 class _Group(click.Group):
-    """Adds the commands plugins return from ``robench_commands`` (names must not clash)."""
+    """Adds the commands plugins return from ``robench_commands`` (names must not clash).
 
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*super().list_commands(ctx), *_plugin_commands()})
+    Plugin commands are looked up when a name is not built in; ``--help`` lists the built-in
+    commands only, since listing plugin ones means importing every plugin (torch and all):
+    seconds instead of a fraction of one. ``robench plugins`` shows which plugin has
+    ``robench_commands``.
+    """
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         return super().get_command(ctx, name) or _plugin_commands().get(name)
@@ -48,6 +55,8 @@ def _plugin_commands() -> dict[str, click.Command]:
 
 
 def _registries() -> Registries:
+    from robench.registry import Registries
+
     return Registries.collect(default_plugin_manager())
 
 
@@ -55,7 +64,7 @@ def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> N
     """robench's version and, like flake8, every plugin distribution's."""
     if not value or ctx.resilient_parsing:
         return
-    dists = sorted({(i.dist, i.version) for i in plugin_infos(default_plugin_manager()).values()})
+    dists = plugin_distributions()
     click.echo(f"robench, version {robench.__version__} (plugins: {', '.join(f'{d} {v}' for d, v in dists)})")
     ctx.exit()
 
@@ -73,7 +82,8 @@ def cli() -> None:
     """robench: adversarial-robustness benchmarks for compact image classifiers.
 
     Build defended models, attack them all-or-nothing, and write tidy parquet tables.
-    Start with `robench run --defense baseline --attack pgd`.
+    Start with `robench run --defense baseline --attack pgd`. Plugins may add commands
+    (`robench plugins` lists each plugin's hooks).
     """
 
 
@@ -131,10 +141,12 @@ def run(
     FILE is a benchmark file (benchmarks/*.toml) defining the whole grid; without it, the
     flags do. Example: robench run --defense advt --attack pgd --eps 0.05 --eps 0.1
     """
+    benchmark = resolve_benchmark(opts, exhaustive)  # flag errors first: no torch needed for them
+
     from robench.progress import TqdmProgress
     from robench.runner import run as run_benchmark
+    from robench.storage import RunStore
 
-    benchmark = resolve_benchmark(opts, exhaustive)
     run_dir = out or Path("results") / f"{benchmark.name}-{benchmark.config_hash()}"
     cache = cache_dir or Path(os.environ.get("ROBENCH_CACHE", Path.home() / ".cache" / "robench"))
     summary = run_benchmark(
@@ -163,6 +175,8 @@ def run(
 @_SELECT
 def plan_cmd(select: str | None, **opts: Any) -> None:
     """Print the cells a run of FILE (or of the flags) would evaluate, without computing anything."""
+    from robench.grid import plan, select_cells
+
     cells = select_cells(plan(resolve_benchmark(opts), _registries()), select)
     for cell in cells:
         click.echo(cell.id)
@@ -193,8 +207,9 @@ def list_cmd(kind: str | None, name: str | None) -> None:
 
 @cli.command()
 def plugins() -> None:
-    """Print loaded plugin distributions, versions and hooks as JSON."""
+    """Print loaded plugin distributions, versions and hooks as JSON (plugin commands are checked too)."""
     pm = default_plugin_manager()
+    _plugin_commands()  # a command clashing with a built-in is reported here, not only when run
     out = []
     for name, info in sorted(plugin_infos(pm).items()):
         hooks = sorted(h.name for h in pm.get_hookcallers(pm.get_plugin(name)) or [])
@@ -208,6 +223,8 @@ def plugins() -> None:
 @click.option("--schema", is_flag=True, help="Print the documented results schema instead.")
 def show(run_dir: Path | None, all_columns: bool, schema: bool) -> None:
     """Print a stored run folder as a table (or the results schema)."""
+    from robench.storage import RunStore, describe_schema
+
     if schema:
         for table, column, dtype, doc in describe_schema():
             click.echo(f"{table:<8} {column:<16} {dtype:<22} {doc}")
@@ -288,6 +305,8 @@ def report_cmd(run_dir: Path, out: Path | None) -> None:
 
 def format_table(table: pd.DataFrame) -> str:
     """The human-readable results table: key columns and accuracies in percent."""
+    import pandas as pd
+
     if table.empty:
         return "(no cells)"
     t = table.sort_values(["dataset", "arch", "defense", "variant", "protocol", "eps", "seed"])

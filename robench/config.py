@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from robench.context import NORMS, Norm
+from robench.context import NORMS, Norm, Threat
 from robench.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -83,6 +83,8 @@ class Benchmark:
             raise ConfigError(f"unknown norm {self.norm!r}; use one of {', '.join(NORMS)}")
         if not self.defenses or not (self.attacks or self.protocols or self.inline_protocols):
             raise ConfigError("a benchmark needs at least one defense and one attack or protocol")
+        for eps in self.eps:
+            Threat(self.norm, eps)  # an eps out of range fails here, before any plugin loads
         if self.n_samples < 1 or self.batch_size < 1:
             raise ConfigError("n_samples and batch_size must be >= 1")
         if not self.seeds:

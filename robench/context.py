@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Literal
 
 from robench.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where it is used: planning and --help must not wait for it
+    import torch
+    from torch import nn
 
 Norm = Literal["linf", "l2"]
 NORMS: tuple[Norm, ...] = ("linf", "l2")
@@ -119,6 +120,8 @@ class Context:
 
     def generator(self, salt: int = 0) -> torch.Generator:
         """A CPU generator seeded from the cell's seed (and ``salt``, for independent streams)."""
+        import torch
+
         g = torch.Generator()
         g.manual_seed(self.seed * 1_000_003 + salt)
         return g

@@ -52,3 +52,7 @@ class DataNotFoundError(RobenchError):
 
 class CacheError(RobenchError):
     """A cached artefact is missing (`robench run --models`), corrupt, or does not match its key."""
+
+
+class DamagedFileWarning(UserWarning):
+    """A file of a run folder could not be read and was skipped; the rest was read."""

@@ -81,6 +81,12 @@ def default_plugin_manager() -> pluggy.PluginManager:
     return get_plugin_manager()
 
 
+def plugin_distributions(group: str = "robench") -> list[tuple[str, str]]:
+    """(distribution, version) of every installed plugin, from package metadata alone: no
+    plugin is imported, so ``robench --version`` answers before torch loads."""
+    return sorted({(i.dist, i.version) for i in map(_info, md.entry_points(group=group))})
+
+
 def plugin_infos(pm: pluggy.PluginManager) -> dict[str, PluginInfo]:
     """Entry-point name -> :class:`PluginInfo`; plugins registered by hand get a stand-in."""
     known: dict[str, PluginInfo] = getattr(pm, "robench_infos", {})

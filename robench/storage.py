@@ -33,6 +33,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from robench.errors import DamagedFileWarning
+
 SCHEMA_VERSION = 1
 
 # name, type, meaning: the schema is written down once, here.
@@ -143,10 +145,6 @@ class CellResult:
     def cell_id(self) -> str:
         """The cell's readable id."""
         return str(self.row["cell_id"])
-
-
-class DamagedFileWarning(UserWarning):
-    """A file of a run folder could not be read and was skipped; the rest was read."""
 
 
 @dataclass(frozen=True)

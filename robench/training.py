@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import torchattacks
 from torch import Tensor, nn
 
 from robench.context import Context, ImageData
@@ -131,6 +130,8 @@ def pgd_inputs(eps: float, steps: int, step_fraction: float, *, random_start: bo
         nonlocal step
         step += 1
         eps_now = eps * min(1.0, step / ramp_steps) if ramp_steps else eps
+        import torchattacks  # here, not at the top: it costs 1.5 s to import (scipy)
+
         attack = torchattacks.PGD(
             model, eps=eps_now, alpha=step_fraction * eps_now, steps=steps, random_start=random_start
         )

@@ -22,14 +22,14 @@ from test_datasets import cifar10_folder, tiny_fashion
 from robench import cli
 from robench.config import Benchmark, PluginSpec
 from robench.context import Progress
-from robench.errors import DataNotFoundError
+from robench.errors import DamagedFileWarning, DataNotFoundError
 from robench.pluginmanager import get_plugin_manager
 from robench.plugins import cifar, fashion_mnist
 from robench.plugins.cifar import CIFAR10
 from robench.plugins.fashion_mnist import FashionMNIST
 from robench.report import write_report
 from robench.runner import Summary, run
-from robench.storage import CELL_SCHEMA, DamagedFileWarning, RunStore
+from robench.storage import CELL_SCHEMA, RunStore
 from robench.testing import TinyPlugin
 
 TINY_ARGS = ["--dataset", "tiny", "--arch", "tinynet", "-D", "epochs=1", "-A", "steps=2", "-A", "restarts=1"]

@@ -21,8 +21,9 @@ def pyproject() -> dict[str, Any]:
 
 
 def builtin_modules() -> list[str]:
-    """Every module or package directly in plugins/, except plugins/__init__.py."""
-    modules = [p.stem for p in PLUGINS.glob("*.py") if p.name != "__init__.py"]
+    """Every module or package directly in plugins/, except plugins/__init__.py and private
+    helper modules (``_name.py``: imported by the built-ins, not plugins themselves)."""
+    modules = [p.stem for p in PLUGINS.glob("*.py") if not p.name.startswith("_")]
     return sorted(modules + builtin_packages())
 
 

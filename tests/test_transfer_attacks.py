@@ -15,6 +15,7 @@ from robench import Threat
 from robench.architecture import Normalize, make_model
 from robench.attack import sample_keys
 from robench.errors import ConfigError
+from robench.plugins._keyed import momentum_step
 from robench.plugins.architectures import BasicBlock, ResNet20
 from robench.plugins.pgd import PGD
 from robench.plugins.transfer import (
@@ -22,7 +23,6 @@ from robench.plugins.transfer import (
     MIFGSM,
     SGM,
     InputDiversity,
-    momentum_step,
     residual_blocks,
     resize_pad,
     skip_gradients,

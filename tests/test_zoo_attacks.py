@@ -13,8 +13,8 @@ from robench.attack import sample_keys
 from robench.context import DataShape
 from robench.errors import ConfigError
 from robench.losses import cross_entropy
+from robench.plugins._keyed import KeyedIterative
 from robench.plugins.pgd import PGD
-from robench.plugins.transfer import KeyedIterative
 from robench.plugins.zoo import APGD, EOTPGD, AutoAttack, Square, batch_seed
 from robench.testing import TINY_SHAPE, check_attack, tiny_context, tiny_data, tiny_model
 from robench.training import Schedule, train

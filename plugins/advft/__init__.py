@@ -47,9 +47,9 @@ import torch
 from torch import nn
 
 import robench
+from robench import InputFn, Schedule, pgd_inputs, train
 from robench.plugins.advft.prune import prune_filters
 from robench.plugins.advft.quant import ENGINE, calibrate, fake_quantized, freeze, thaw, to_int8
-from robench.training import InputFn, Schedule, pgd_inputs, train
 
 __all__ = ["AdverFine"]
 

@@ -7,8 +7,15 @@ filters and, in the same step, the matching input slices of every layer that rea
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
-import torch_pruning as tp  # type: ignore[import-untyped]  # ships no type hints
+
+if TYPE_CHECKING:
+    import torch_pruning as tp  # type: ignore[import-untyped]  # ships no type hints
+
+# torch_pruning is imported where it is used: it imports timm (and torchvision's models)
+# when they are installed, seconds that `robench list` should not wait for.
 from torch import nn
 
 
@@ -58,7 +65,7 @@ def prune_filters(model: nn.Module, sparsity: float, example: torch.Tensor) -> n
         plan = [(conv, _smallest_filters(conv, sparsity)) for conv in _group_roots(model, graph)]
         for conv, idxs in plan:
             if idxs:
-                graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs).prune()
+                graph.get_pruning_group(conv, _tp().prune_conv_out_channels, idxs).prune()
     finally:
         for module, training in modes.items():
             module.training = training
@@ -75,7 +82,7 @@ def pruned_channels(model: nn.Module) -> dict[str, int]:
 def _trace(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     """The dependency graph of ``model`` on ``example`` (gradients on: tracing uses autograd)."""
     with torch.enable_grad():
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+        return _tp().DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
 
 
 def _group_roots(model: nn.Module, graph: tp.DependencyGraph) -> list[nn.Conv2d]:
@@ -104,3 +111,10 @@ def _smallest_filters(conv: nn.Conv2d, sparsity: float) -> list[int]:
     # Stable sort: ties (e.g. all-zero filters) go by index, so the result is deterministic.
     order = torch.argsort(norms, stable=True)
     return sorted(int(i) for i in order[:n_pruned])
+
+
+def _tp() -> Any:
+    """The torch_pruning module, imported on first use."""
+    import torch_pruning
+
+    return torch_pruning

@@ -57,8 +57,7 @@ from torch.ao.quantization import (
 from torch.ao.quantization.backend_config import get_qnnpack_backend_config
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
 
-from robench.context import ImageData
-from robench.training import iterate, subset_indices
+from robench import ImageData, iterate, subset_indices
 
 # The quantized engine every int8 model is converted for and run with (see the docstring),
 # recorded in each quantized row's provenance (``quantized_engine``).

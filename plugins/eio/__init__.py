@@ -46,10 +46,9 @@ import torch
 from torch import nn
 
 import robench
+from robench import Ensemble, Schedule
 from robench.plugins.eio.model import GatePath, RandomGatedNetwork, build_rgn, derive
 from robench.plugins.eio.train import Distillation, derive_paths, train_rgn
-from robench.training import Schedule
-from robench.versions import Ensemble
 
 __all__ = ["EnsembleInOne", "GatePath", "RandomGatedNetwork", "build_rgn", "derive"]
 

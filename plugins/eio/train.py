@@ -23,9 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robench.context import Context
+from robench import Context, Schedule, crop_flip, iterate, sgd, subset_indices, train
 from robench.plugins.eio.model import GatePath, RandomGatedNetwork, derive
-from robench.training import Schedule, crop_flip, iterate, sgd, subset_indices, train
 
 # (optimizer, source images, source labels, target images or None) -> the batch's loss
 StepFn = Callable[[torch.optim.Optimizer, Tensor, Tensor, Tensor | None], float]
