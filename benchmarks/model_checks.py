@@ -1,0 +1,61 @@
+"""The issue's trap defenses through the model checks, on Fashion-MNIST (issue 11's table).
+
+Each trap (tests/fake_dist/robench_traps.py) wraps the smoke ``baseline`` and hides one
+evaluation trap; this runs them as the issue did, ``--attack pgd --n-samples 200`` at eps
+0.1, next to the baseline itself, and prints each row's accuracies, what the checks found
+and the checks' share of the cell's time:
+
+    python benchmarks/model_checks.py [--out results/reproductions/model-checks]
+
+About 5 minutes on 2 CPU cores (two baseline trainings, then Square on the rounding trap).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from robench.config import Benchmark, PluginSpec
+from robench.pluginmanager import get_plugin_manager
+from robench.runner import run
+from robench.storage import RunStore
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "fake_dist"))
+import robench_traps  # a test plugin, not installed: registered by hand below
+
+DEFENSES = ["baseline", "trap-rounding", "trap-noise", "trap-softmax", "trap-classes", "trap-tuple", "trap-batchnorm"]
+COLUMNS = ["clean_acc", "robust_acc", "status", "checks", "n_versions", "masking_found_by", "check_share"]
+
+
+def main() -> None:
+    """Run the grid and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=None, help="run folder (default: a temporary one)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="model cache (default: a temporary one)")
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="robench-checks-"))
+    out, cache = args.out or tmp / "run", args.cache_dir or tmp / "cache"
+    pm = get_plugin_manager()
+    pm.register(robench_traps, name="traps")
+    benchmark = Benchmark(
+        name="model-checks",
+        defenses=tuple(PluginSpec(name) for name in DEFENSES),
+        attacks=(PluginSpec("pgd"),),
+        eps=(0.1,),
+        n_samples=200,
+    )
+    run(benchmark, pm=pm, run_dir=out, cache_dir=cache, device="cpu")
+    cells = RunStore(out).read_cells().set_index("defense").loc[DEFENSES]
+    cells["check_share"] = cells["check_seconds"] / (cells["check_seconds"] + cells["attack_seconds"])
+    with pd.option_context("display.width", 250, "display.max_colwidth", 110, "display.max_columns", 20):
+        print(cells[COLUMNS].to_string())
+        for name, row in cells[cells["status"] != "ok"].iterrows():
+            print(f"{name}: {row['error']}")
+
+
+if __name__ == "__main__":
+    main()
