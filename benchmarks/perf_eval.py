@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from robench.config import Benchmark, PluginSpec
 from robench.context import ImageData, Progress, Threat
 from robench.defense import Variant
-from robench.evaluate import Setup, evaluate
+from robench.engine import Setup, evaluate
 from robench.losses import cross_entropy
 from robench.metrics import wilson_interval
 from robench.modelcache import ModelCache

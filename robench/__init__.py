@@ -58,6 +58,8 @@ _EXPORTS: dict[str, str] = {
     "Surrogate": "robench.protocol",
     "Threat": "robench.context",
     "UnknownPluginError": "robench.errors",
+    "evaluate": "robench.api",
+    "read_run": "robench.api",
     "Variant": "robench.defense",
     "crop_flip": "robench.training",
     "cross_entropy": "robench.losses",
@@ -113,10 +115,12 @@ __all__ = [
     "cross_entropy",
     "cw_margin",
     "derive_key",
+    "evaluate",
     "get_loss",
     "hookimpl",
     "iterate",
     "pgd_inputs",
+    "read_run",
     "sample_keys",
     "sample_normal",
     "sample_uniform",
@@ -141,6 +145,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported eagerly
+    from robench.api import evaluate as evaluate
+    from robench.api import read_run as read_run
     from robench.architecture import Architecture as Architecture
     from robench.attack import Attack as Attack
     from robench.attack import derive_key as derive_key

@@ -37,8 +37,8 @@ from torch import Tensor, nn
 
 from robench.config import PluginSpec
 from robench.defense import Variant
+from robench.engine import Outcome
 from robench.errors import RobenchError
-from robench.evaluate import Outcome
 from robench.protocol import AttackUse, Protocol, Surrogate
 from robench.registry import Registries
 from robench.versions import Version

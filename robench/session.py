@@ -27,7 +27,7 @@ from robench.attack import derive_key
 from robench.config import Benchmark, PluginSpec
 from robench.context import Context, ImageData, Progress
 from robench.efficiency import measure
-from robench.evaluate import Outcome, Setup, evaluate, generate
+from robench.engine import Outcome, Setup, evaluate, generate
 from robench.grid import Cell, ModelKey, model_key, resolve_defense
 from robench.metrics import accuracy, count, wilson_interval
 from robench.modelcache import ModelCache, data_fingerprint

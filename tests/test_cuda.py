@@ -15,7 +15,7 @@ import pytest
 import torch
 from test_runner import MEASURED, cells, pm, run_tiny, tiny_benchmark  # noqa: F401  (pm is a fixture)
 
-from robench.evaluate import deterministic
+from robench.engine import deterministic
 from robench.pluginmanager import get_plugin_manager
 from robench.registry import Registries
 from robench.runner import run

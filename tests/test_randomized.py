@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 import robench
 from robench.config import PluginSpec
-from robench.evaluate import Judge
+from robench.engine import Judge
 from robench.versions import ExpectationModel
 
 
