@@ -22,15 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robench.benchfile import load_benchmark
+from robench.cell import Cell
 from robench.context import Progress
-from robench.grid import Cell, plan
-from robench.modelcache import ModelCache
-from robench.pluginmanager import get_plugin_manager
-from robench.registry import Registries
-from robench.session import Session
-from robench.storage import RunStore
-from robench.versions import TransferCache
+from robench.discover.manager import get_plugin_manager
+from robench.discover.registry import Registries
+from robench.execute.modelcache import ModelCache
+from robench.execute.session import Session
+from robench.execute.versions import TransferCache
+from robench.plan.benchfile import load_benchmark
+from robench.plan.grid import plan
+from robench.results.storage import RunStore
 
 
 def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, clamp: bool, steps: int = 20) -> Tensor:

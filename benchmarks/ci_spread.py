@@ -24,11 +24,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from robench.benchfile import load_benchmark
-from robench.pluginmanager import get_plugin_manager
-from robench.progress import TqdmProgress
-from robench.runner import run
-from robench.storage import RunStore
+from robench.discover.manager import get_plugin_manager
+from robench.execute.progress import TqdmProgress
+from robench.execute.runner import run
+from robench.plan.benchfile import load_benchmark
+from robench.results.storage import RunStore
 
 HERE = Path(__file__).resolve().parent
 

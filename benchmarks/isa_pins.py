@@ -29,8 +29,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from robench.numerics import cpu_capability
-from robench.storage import RunStore
+from robench.execute.numerics import cpu_capability
+from robench.results.storage import RunStore
 
 HERE = Path(__file__).resolve().parent
 

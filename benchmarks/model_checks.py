@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from robench.config import Benchmark, PluginSpec
-from robench.pluginmanager import get_plugin_manager
-from robench.runner import run
-from robench.storage import RunStore
+from robench.discover.manager import get_plugin_manager
+from robench.execute.runner import run
+from robench.plan.config import Benchmark
+from robench.plugin import PluginSpec
+from robench.results.storage import RunStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "fake_dist"))
 import robench_traps  # a test plugin, not installed: registered by hand below

@@ -28,21 +28,22 @@ import torch
 import torchattacks
 from torch import Tensor, nn
 
-from robench.config import Benchmark, PluginSpec
 from robench.context import ImageData, Progress, Threat
 from robench.defense import Variant
-from robench.engine import Setup, evaluate
+from robench.discover.manager import get_plugin_manager
+from robench.discover.registry import Registries
+from robench.execute.engine import Setup, evaluate
+from robench.execute.modelcache import ModelCache
+from robench.execute.runner import run
+from robench.execute.session import Session
+from robench.execute.versions import TransferCache, Version, expand
 from robench.losses import cross_entropy
-from robench.metrics import wilson_interval
-from robench.modelcache import ModelCache
-from robench.pluginmanager import get_plugin_manager
+from robench.plan.config import Benchmark
+from robench.plugin import PluginSpec
 from robench.plugins._keyed import KeyedPGD
 from robench.protocol import AttackUse, Protocol, Surrogate
-from robench.registry import Registries
-from robench.runner import run
-from robench.session import Session
-from robench.storage import RunStore
-from robench.versions import TransferCache, Version, expand
+from robench.results.metrics import wilson_interval
+from robench.results.storage import RunStore
 
 
 def timed(fn: Callable[[], Tensor]) -> tuple[Tensor, float]:

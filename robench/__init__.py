@@ -30,24 +30,24 @@ _EXPORTS: dict[str, str] = {
     "Architecture": "robench.architecture",
     "Attack": "robench.attack",
     "AttackUse": "robench.protocol",
-    "Benchmark": "robench.config",
+    "Benchmark": "robench.plan.config",
     "CacheError": "robench.errors",
-    "Cell": "robench.grid",
-    "CellResult": "robench.storage",
+    "Cell": "robench.cell",
+    "CellResult": "robench.results.storage",
     "ConfigError": "robench.errors",
     "Context": "robench.context",
     "DataNotFoundError": "robench.errors",
     "DataShape": "robench.context",
     "Dataset": "robench.dataset",
     "Defense": "robench.defense",
-    "Ensemble": "robench.versions",
+    "Ensemble": "robench.execute.versions",
     "ImageData": "robench.context",
     "InputFn": "robench.training",
     "LossFn": "robench.losses",
     "LossName": "robench.losses",
-    "ModelKey": "robench.grid",
+    "ModelKey": "robench.cell",
     "Norm": "robench.context",
-    "PluginSpec": "robench.config",
+    "PluginSpec": "robench.plugin",
     "Progress": "robench.context",
     "ProgressBar": "robench.context",
     "Protocol": "robench.protocol",
@@ -153,8 +153,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported e
     from robench.attack import sample_keys as sample_keys
     from robench.attack import sample_normal as sample_normal
     from robench.attack import sample_uniform as sample_uniform
-    from robench.config import Benchmark as Benchmark
-    from robench.config import PluginSpec as PluginSpec
+    from robench.cell import Cell as Cell
+    from robench.cell import ModelKey as ModelKey
     from robench.context import Context as Context
     from robench.context import DataShape as DataShape
     from robench.context import ImageData as ImageData
@@ -171,18 +171,19 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported e
     from robench.errors import DataNotFoundError as DataNotFoundError
     from robench.errors import RobenchError as RobenchError
     from robench.errors import UnknownPluginError as UnknownPluginError
-    from robench.grid import Cell as Cell
-    from robench.grid import ModelKey as ModelKey
+    from robench.execute.versions import Ensemble as Ensemble
     from robench.losses import LossFn as LossFn
     from robench.losses import LossName as LossName
     from robench.losses import cross_entropy as cross_entropy
     from robench.losses import cw_margin as cw_margin
     from robench.losses import get_loss as get_loss
+    from robench.plan.config import Benchmark as Benchmark
+    from robench.plugin import PluginSpec as PluginSpec
     from robench.protocol import AttackUse as AttackUse
     from robench.protocol import Protocol as Protocol
     from robench.protocol import ProtocolDef as ProtocolDef
     from robench.protocol import Surrogate as Surrogate
-    from robench.storage import CellResult as CellResult
+    from robench.results.storage import CellResult as CellResult
     from robench.training import InputFn as InputFn
     from robench.training import Schedule as Schedule
     from robench.training import crop_flip as crop_flip
@@ -191,4 +192,3 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported e
     from robench.training import sgd as sgd
     from robench.training import subset_indices as subset_indices
     from robench.training import train as train
-    from robench.versions import Ensemble as Ensemble

@@ -106,8 +106,8 @@ def read_run(path: str | Path, samples: bool = False) -> pd.DataFrame:
 
     :raises robench.RobenchError: if ``path`` is not a robench run folder
     """
-    from robench.runfolder import RunFolderError
-    from robench.storage import RunStore
+    from robench.results.runfolder import RunFolderError
+    from robench.results.storage import RunStore
 
     folder = Path(path)
     if not (folder / "cells").is_dir():
@@ -188,10 +188,10 @@ def _run(
     device: str,
     progress: bool,
 ) -> pd.DataFrame:
-    from robench.pluginmanager import get_plugin_manager
-    from robench.progress import TqdmProgress
-    from robench.runner import run
-    from robench.storage import RunStore
+    from robench.discover.manager import get_plugin_manager
+    from robench.execute.progress import TqdmProgress
+    from robench.execute.runner import run
+    from robench.results.storage import RunStore
 
     pm = get_plugin_manager()
     for i, plugin in enumerate(plugins):

@@ -21,12 +21,12 @@ if TYPE_CHECKING:
 
     from robench.architecture import Architecture
     from robench.attack import Attack
-    from robench.config import Benchmark
+    from robench.cell import Cell
     from robench.dataset import Dataset
     from robench.defense import Defense
-    from robench.grid import Cell
+    from robench.plan.config import Benchmark
     from robench.protocol import ProtocolDef
-    from robench.storage import CellResult
+    from robench.results.storage import CellResult
 
 __all__ = [
     "robench_architectures",

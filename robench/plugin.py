@@ -13,6 +13,7 @@ import json
 import types
 import typing
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
 from robench.errors import ConfigError
@@ -121,3 +122,32 @@ def _coerce(cls: type[Plugin], key: str, value: object, tp: Any) -> object:
     if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
         raise ConfigError(f"{where} must be {tp.__name__}, got {value!r}")
     return value
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    """A plugin name with user parameters (which override the preset's)."""
+
+    name: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def of(cls, name: str, params: Mapping[str, Any] | None = None) -> PluginSpec:
+        """Build from a mapping of parameters."""
+        return cls(name, tuple(sorted((params or {}).items())))
+
+    def param_dict(self) -> dict[str, Any]:
+        """Parameters as a dict."""
+        return dict(self.params)
+
+    def label(self) -> str:
+        """``name`` or ``name[k=v,...]``: readable, for cell ids."""
+        if not self.params:
+            return self.name
+        return f"{self.name}[{','.join(f'{k}={_short(v)}' for k, v in self.params)}]"
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)

@@ -18,8 +18,7 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
-from robench.config import PluginSpec
-from robench.plugin import Plugin
+from robench.plugin import Plugin, PluginSpec
 
 
 @dataclass(frozen=True)

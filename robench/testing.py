@@ -25,7 +25,7 @@ from robench.attack import Attack, sample_keys
 from robench.context import Context, DataShape, ImageData, Norm, Threat
 from robench.dataset import Dataset, Split
 from robench.defense import Defense
-from robench.modelcheck import ModelChecks, check_model
+from robench.execute.modelcheck import ModelChecks, check_model
 from robench.training import Schedule
 from robench.training import train as fit
 
@@ -154,7 +154,7 @@ def check_attack(
 
 def check_defense(cls: type[Defense], params: dict[str, Any] | None = None) -> dict[str, ModelChecks]:
     """Presets resolve; fit returns the declared variants; every variant passes the model
-    checks the runner runs before each attack (:func:`robench.modelcheck.check_model`).
+    checks the runner runs before each attack (:func:`robench.execute.modelcheck.check_model`).
 
     Fails on anything a benchmark would flag or refuse: outputs that are not one finite
     tensor of logits, probability outputs, randomness the variant does not declare,

@@ -9,7 +9,7 @@ import pluggy
 import pytest
 
 from robench import cli
-from robench.pluginmanager import DISABLE_ENV, TRACE_ENV, get_plugin_manager
+from robench.discover.manager import DISABLE_ENV, TRACE_ENV, get_plugin_manager
 
 # -- Plugin host: fresh managers and the fake third-party distribution -----------------
 # tests/fake_dist is on pythonpath (pyproject), so importlib.metadata sees robench-fake

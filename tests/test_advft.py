@@ -13,15 +13,16 @@ from torch import Tensor, nn
 from torch.ao.quantization import FakeQuantize
 
 import robench
-from robench.config import Benchmark, PluginSpec
 from robench.context import Context, ImageData, Threat
-from robench.pluginmanager import get_plugin_manager
+from robench.discover.manager import get_plugin_manager
+from robench.discover.registry import Registries
+from robench.execute.runner import run
+from robench.plan.config import Benchmark
+from robench.plugin import PluginSpec
 from robench.plugins.advft import AdverFine
 from robench.plugins.advft.quant import ENGINE, CpuOnly, calibrate, fake_quantized, to_int8
 from robench.plugins.pgd import PGD
-from robench.registry import Registries
-from robench.runner import run
-from robench.storage import RunStore
+from robench.results.storage import RunStore
 from robench.testing import TinyPlugin, tiny_context, tiny_data
 from robench.training import Schedule, train
 

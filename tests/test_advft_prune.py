@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from robench.architecture import make_model
-from robench.efficiency import measure
+from robench.execute.efficiency import measure
 from robench.plugins.advft.prune import prune_filters, pruned_channels
 from robench.plugins.architectures import CNN8, ResNet20
 from robench.plugins.fashion_mnist import FashionMNIST

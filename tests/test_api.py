@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 import robench
-from robench.config import Benchmark, PluginSpec
-from robench.pluginmanager import get_plugin_manager
-from robench.runner import run
-from robench.storage import RunStore
+from robench.discover.manager import get_plugin_manager
+from robench.execute.runner import run
+from robench.plan.config import Benchmark
+from robench.plugin import PluginSpec
+from robench.results.storage import RunStore
 from robench.testing import TinyPlugin, tiny_model
 
 README = Path(__file__).resolve().parents[1] / "README.md"

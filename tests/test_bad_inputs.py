@@ -20,16 +20,17 @@ from conftest import Shell
 from test_datasets import cifar10_folder, tiny_fashion
 
 from robench import cli
-from robench.config import Benchmark, PluginSpec
 from robench.context import Progress
+from robench.discover.manager import get_plugin_manager
 from robench.errors import DamagedFileWarning, DataNotFoundError
-from robench.pluginmanager import get_plugin_manager
+from robench.execute.runner import Summary, run
+from robench.plan.config import Benchmark
+from robench.plugin import PluginSpec
 from robench.plugins import cifar, fashion_mnist
 from robench.plugins.cifar import CIFAR10
 from robench.plugins.fashion_mnist import FashionMNIST
-from robench.report import write_report
-from robench.runner import Summary, run
-from robench.storage import CELL_SCHEMA, RunStore
+from robench.results.report import write_report
+from robench.results.storage import CELL_SCHEMA, RunStore
 from robench.testing import TinyPlugin
 
 TINY_ARGS = ["--dataset", "tiny", "--arch", "tinynet", "-D", "epochs=1", "-A", "steps=2", "-A", "restarts=1"]

@@ -10,16 +10,17 @@ import pluggy
 import pytest
 from conftest import Shell
 
-from robench import benchfile
-from robench.benchfile import load_benchmark
-from robench.config import Benchmark, PluginSpec
+from robench.discover.manager import get_plugin_manager
+from robench.discover.registry import Registries
 from robench.errors import ConfigError
-from robench.grid import plan
-from robench.pluginmanager import get_plugin_manager
+from robench.execute.runner import run
+from robench.plan import benchfile
+from robench.plan.benchfile import load_benchmark
+from robench.plan.config import Benchmark
+from robench.plan.grid import plan
+from robench.plugin import PluginSpec
 from robench.protocol import AttackUse, Surrogate
-from robench.registry import Registries
-from robench.runner import run
-from robench.storage import RunStore
+from robench.results.storage import RunStore
 from robench.testing import TinyPlugin
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,12 +24,13 @@ from scipy import stats
 from torch import nn
 
 import robench
-from robench.check import KEY_COLUMNS, RunFolderError, check, load_run, mcnemar_p, two_proportion_p
-from robench.config import Benchmark, PluginSpec
-from robench.numerics import cpu_capability as robench_cpu_capability
-from robench.pluginmanager import get_plugin_manager
-from robench.runner import run
-from robench.storage import CellResult, RunStore
+from robench.discover.manager import get_plugin_manager
+from robench.execute.numerics import cpu_capability as robench_cpu_capability
+from robench.execute.runner import run
+from robench.plan.config import Benchmark
+from robench.plugin import PluginSpec
+from robench.results.check import KEY_COLUMNS, RunFolderError, check, load_run, mcnemar_p, two_proportion_p
+from robench.results.storage import CellResult, RunStore
 from robench.testing import TinyPlugin
 from robench.training import Schedule, train
 

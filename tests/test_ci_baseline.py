@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from robench.benchfile import load_benchmark
-from robench.grid import plan
-from robench.modelcache import ModelCache, data_fingerprint
-from robench.pluginmanager import get_plugin_manager
-from robench.registry import Registries
-from robench.storage import RunStore
+from robench.discover.manager import get_plugin_manager
+from robench.discover.registry import Registries
+from robench.execute.modelcache import ModelCache, data_fingerprint
+from robench.plan.benchfile import load_benchmark
+from robench.plan.grid import plan
+from robench.results.storage import RunStore
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = ROOT / "results" / "baselines" / "ci"

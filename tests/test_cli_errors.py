@@ -9,8 +9,8 @@ import pytest
 from test_runner import _ExplodingPlugin
 
 from robench import cli
-from robench.pluginmanager import get_plugin_manager
-from robench.storage import RunStore
+from robench.discover.manager import get_plugin_manager
+from robench.results.storage import RunStore
 from robench.testing import TinyPlugin
 
 

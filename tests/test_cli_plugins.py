@@ -15,7 +15,7 @@ from click.testing import CliRunner
 import robench
 from robench import cli as cli_module
 from robench.cli import cli, main
-from robench.pluginmanager import get_plugin_manager
+from robench.discover.manager import get_plugin_manager
 
 VERSION = robench.__version__
 BUILTIN_ENTRIES = {

@@ -15,7 +15,7 @@ import pytest
 from conftest import Shell
 
 from robench.plugins.fashion_mnist import FashionMNIST
-from robench.storage import CELL_SCHEMA, SAMPLE_SCHEMA, RunStore
+from robench.results.storage import CELL_SCHEMA, SAMPLE_SCHEMA, RunStore
 
 pytestmark = pytest.mark.slow
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 from test_runner import MEASURED, cells, pm, run_tiny, tiny_benchmark  # noqa: F401  (pm is a fixture)
 
-from robench.engine import deterministic
-from robench.pluginmanager import get_plugin_manager
-from robench.registry import Registries
-from robench.runner import run
+from robench.discover.manager import get_plugin_manager
+from robench.discover.registry import Registries
+from robench.execute.engine import deterministic
+from robench.execute.runner import run
 from robench.testing import check_attack, tiny_context, tiny_residual_model
 from robench.training import Schedule, train
 

@@ -13,18 +13,19 @@ from torch import nn
 
 from robench.architecture import make_model
 from robench.cli import cli
-from robench.config import Benchmark, PluginSpec
 from robench.context import Context, DataShape
+from robench.discover.manager import get_plugin_manager
+from robench.discover.registry import Registries
 from robench.errors import ConfigError
-from robench.grid import resolve_defense
-from robench.pluginmanager import get_plugin_manager
+from robench.execute.runner import run
+from robench.plan.config import Benchmark
+from robench.plan.grid import resolve_defense
+from robench.plugin import PluginSpec
 from robench.plugins.architectures import CNN8, ResNet20
 from robench.plugins.eio import EnsembleInOne, RandomGatedNetwork, build_rgn, derive
 from robench.plugins.eio.model import GatedBlock
 from robench.plugins.eio.train import Distillation, distill, diversification_step, sample_distinct_paths
-from robench.registry import Registries
-from robench.runner import run
-from robench.storage import RunStore
+from robench.results.storage import RunStore
 from robench.testing import TinyPlugin, check_defense, tiny_context, tiny_data
 
 SHAPE = DataShape(channels=1, height=28, width=28, num_classes=10, mean=(0.5,), std=(0.5,))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from robench.flags import compute_flags
+from robench.results.flags import compute_flags
 
 
 def row(**values: object) -> dict[str, object]:

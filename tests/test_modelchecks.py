@@ -1,4 +1,4 @@
-"""The model checks run before every attack (robench/modelcheck.py): each trap defense fires
+"""The model checks run before every attack (robench/execute/modelcheck.py): each trap defense fires
 exactly its check, the built-ins fire none, and what the runner does about each finding."""
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ import torch
 from robench_traps import TRAPS
 from torch import nn
 
-from robench.config import Benchmark, PluginSpec
 from robench.defense import Variant
-from robench.modelcheck import ModelContractError, as_evaluated, check_model
-from robench.pluginmanager import get_plugin_manager
-from robench.report import write_report
-from robench.runner import run
-from robench.storage import RunStore
+from robench.discover.manager import get_plugin_manager
+from robench.execute.modelcheck import ModelContractError, as_evaluated, check_model
+from robench.execute.runner import run
+from robench.plan.config import Benchmark
+from robench.plugin import PluginSpec
+from robench.results.report import write_report
+from robench.results.storage import RunStore
 from robench.testing import CONFORMANCE_SHAPE, TinyPlugin, check_defense, tiny_data, tiny_model
 
 SHAPE = CONFORMANCE_SHAPE
@@ -158,7 +159,7 @@ BUILTINS: list[tuple[str, dict[str, object]]] = [
 
 @pytest.mark.parametrize(("name", "params"), BUILTINS, ids=lambda v: str(v))
 def test_builtin_defenses_fire_no_check_except_rgns_declared_randomness(name: str, params: dict[str, object]) -> None:
-    from robench.registry import Registries
+    from robench.discover.registry import Registries
 
     registries = Registries.collect(get_plugin_manager())
     results = check_defense(registries.defenses.get(name), params)  # asserts that nothing fired

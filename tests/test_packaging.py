@@ -99,5 +99,5 @@ def test_the_import_checker_catches_forbidden_imports(tmp_path: Path) -> None:
         "robench.plugins.cifar",
         "robench.plugins.cifar.X",
     ]
-    sample.write_text("import robench.plugin\nfrom robench.pluginmanager import x\n")
+    sample.write_text("import robench.plugin\nfrom robench.discover.manager import x\n")
     assert not [m for m in imported_modules(sample) if is_forbidden(m)]

@@ -9,8 +9,7 @@ import pluggy
 import pytest
 
 import robench
-from robench.errors import PluginConflictError, PluginLoadError, RobenchError
-from robench.pluginmanager import (
+from robench.discover.manager import (
     DISABLE_ENV,
     TRACE_ENV,
     PluginInfo,
@@ -18,7 +17,8 @@ from robench.pluginmanager import (
     get_plugin_manager,
     plugin_infos,
 )
-from robench.registry import Registries
+from robench.discover.registry import Registries
+from robench.errors import PluginConflictError, PluginLoadError, RobenchError
 
 FAKE_GROUP = "robench-test"
 BUILTINS = {

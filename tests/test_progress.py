@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from robench.progress import TqdmProgress
+from robench.execute.progress import TqdmProgress
 
 
 def test_off_terminal_bars_print_status_lines_with_the_time_left(capsys: pytest.CaptureFixture[str]) -> None:

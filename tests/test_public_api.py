@@ -38,8 +38,10 @@ def test_builtin_plugins_import_only_the_public_api(path: Path) -> None:
 
 def test_the_walk_sees_internal_imports(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
-    bad.write_text("import robench\nfrom robench.session import Session\n\ndef f():\n    import robench.grid\n")
-    assert _robench_imports(bad) == [(1, "robench"), (2, "robench.session"), (5, "robench.grid")]
+    bad.write_text(
+        "import robench\nfrom robench.execute.session import Session\n\n\ndef f():\n    import robench.plan.grid\n"
+    )
+    assert _robench_imports(bad) == [(1, "robench"), (2, "robench.execute.session"), (6, "robench.plan.grid")]
 
 
 @pytest.mark.parametrize("name", robench.__all__)
@@ -57,7 +59,7 @@ def test_dir_lists_the_public_names() -> None:
 
 def test_importing_robench_and_planning_does_not_import_torch() -> None:
     code = (
-        "import sys, robench, robench.cliflags, robench.config, robench.benchfile\n"
+        "import sys, robench, robench.cli.flags, robench.plan.config, robench.plan.benchfile\n"
         "robench.ConfigError, robench.Benchmark, robench.PluginSpec\n"
         "print(sorted(m for m in ('torch', 'torchattacks', 'pandas', 'pyarrow') if m in sys.modules))"
     )

@@ -12,9 +12,9 @@ from test_runner import cells, pm, run_tiny  # noqa: F401  (pm is a fixture)
 from torch import Tensor, nn
 
 import robench
-from robench.config import PluginSpec
-from robench.engine import Judge
-from robench.versions import ExpectationModel
+from robench.execute.engine import Judge
+from robench.execute.versions import ExpectationModel
+from robench.plugin import PluginSpec
 
 
 class _Cycle(nn.Module):

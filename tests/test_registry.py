@@ -12,10 +12,10 @@ import torch
 from torch import Tensor, nn
 
 import robench
+from robench.discover.manager import PluginInfo, get_plugin_manager
+from robench.discover.registry import Registries, Registry
 from robench.errors import PluginConflictError, PluginValidationError, UnknownPluginError
-from robench.pluginmanager import PluginInfo, get_plugin_manager
 from robench.plugins import pgd as builtin_pgd
-from robench.registry import Registries, Registry
 
 VERSION = robench.__version__
 

@@ -14,11 +14,12 @@ from torch import nn
 
 import robench
 from robench import cli
-from robench.config import Benchmark, PluginSpec
-from robench.pluginmanager import get_plugin_manager
-from robench.report import write_report
-from robench.runner import run
-from robench.storage import RunStore
+from robench.discover.manager import get_plugin_manager
+from robench.execute.runner import run
+from robench.plan.config import Benchmark
+from robench.plugin import PluginSpec
+from robench.results.report import write_report
+from robench.results.storage import RunStore
 from robench.testing import TinyPlugin
 from robench.training import Schedule, train
 

@@ -15,11 +15,12 @@ import torch
 from torch import nn
 
 import robench
-from robench.config import Benchmark, PluginSpec
+from robench.discover.manager import get_plugin_manager
 from robench.errors import CacheError
-from robench.pluginmanager import get_plugin_manager
-from robench.runner import Summary, run
-from robench.storage import RunStore
+from robench.execute.runner import Summary, run
+from robench.plan.config import Benchmark
+from robench.plugin import PluginSpec
+from robench.results.storage import RunStore
 from robench.testing import TinyPlugin
 
 MEASURED = ["cell_id", "n", "clean_acc", "robust_acc", "robust_ci_low", "robust_ci_high", "n_versions"]

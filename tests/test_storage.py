@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from robench.storage import CELL_SCHEMA, CROSS_CELL_FLAGS, SAMPLE_SCHEMA, CellResult, RunStore
+from robench.results.storage import CELL_SCHEMA, CROSS_CELL_FLAGS, SAMPLE_SCHEMA, CellResult, RunStore
 
 
 def _ok_row() -> dict[str, object]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_runner import MEASURED, cells, pm, robust_samples, run_tiny  # noqa: F401  (pm is a fixture)
 
-from robench.config import PluginSpec
+from robench.plugin import PluginSpec
 from robench.protocol import AttackUse, Protocol, Surrogate
 
 SURROGATE = Surrogate("base2", PluginSpec.of("baseline", {"epochs": 3, "lr": 0.05, "momentum": 0.9}), (100, 101))
@@ -75,7 +75,7 @@ def test_an_undeclared_surrogate_fails_at_plan_time(pm: pluggy.PluginManager, tm
 
 
 def test_sanity_flag_whitebox_above_transfer(pm: pluggy.PluginManager, tmp_path: Path) -> None:  # noqa: F811
-    from robench.flags import compute_flags
+    from robench.results.flags import compute_flags
 
     table = run_transfer(pm, tmp_path, "a", eps=(0.2,), attacks=(PluginSpec.of("fgsm"),))
     flagged = compute_flags(table)

@@ -24,14 +24,13 @@ from torch import nn
 import robench
 from robench.architecture import make_model
 from robench.attack import derive_key
-from robench.config import Benchmark, PluginSpec
+from robench.cell import Cell, ModelKey
 from robench.context import Context, ImageData, Progress
-from robench.efficiency import measure
-from robench.engine import Outcome, Setup, evaluate, generate
-from robench.grid import Cell, ModelKey, model_key, resolve_defense
-from robench.metrics import accuracy, count, wilson_interval
-from robench.modelcache import ModelCache, data_fingerprint
-from robench.modelcheck import (
+from robench.discover.registry import Registries
+from robench.execute.efficiency import measure
+from robench.execute.engine import Outcome, Setup, evaluate, generate
+from robench.execute.modelcache import ModelCache, data_fingerprint
+from robench.execute.modelcheck import (
     CHECK_SAMPLES,
     ModelChecks,
     ModelContractError,
@@ -40,11 +39,14 @@ from robench.modelcheck import (
     check_model,
     with_masking_versions,
 )
+from robench.execute.versions import Ensemble, TransferCache, Version, expand
+from robench.plan.config import Benchmark
+from robench.plan.grid import model_key, resolve_defense
+from robench.plugin import PluginSpec
 from robench.protocol import Protocol, Surrogate
-from robench.registry import Registries
-from robench.storage import CellResult, RunStore
+from robench.results.metrics import accuracy, count, wilson_interval
+from robench.results.storage import CellResult, RunStore
 from robench.training import subset_indices
-from robench.versions import Ensemble, TransferCache, Version, expand
 
 
 @dataclass

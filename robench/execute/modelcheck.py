@@ -35,13 +35,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robench.config import PluginSpec
 from robench.defense import Variant
-from robench.engine import Outcome
+from robench.discover.registry import Registries
 from robench.errors import RobenchError
+from robench.execute.engine import Outcome
+from robench.execute.versions import Version
+from robench.plugin import PluginSpec
 from robench.protocol import AttackUse, Protocol, Surrogate
-from robench.registry import Registries
-from robench.versions import Version
 
 CHECK_SAMPLES = 32
 """Evaluation samples the checks run on: the first of the cell's subset."""
@@ -223,7 +223,7 @@ def with_masking_versions(protocol: Protocol, registries: Registries, baseline: 
 
 
 def check_columns(checks: ModelChecks, declared_randomized: bool, out: Outcome, added: list[Version]) -> dict[str, Any]:
-    """The model-check columns of a cell's row (schema in robench/storage.py).
+    """The model-check columns of a cell's row (schema in robench/results/storage.py).
 
     ``added`` are the versions :func:`with_masking_versions` added to the protocol; for each
     added use, ``masking_found_by`` counts the samples it fooled that the protocol's own

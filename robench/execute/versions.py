@@ -21,9 +21,9 @@ from torch import Tensor, nn
 
 from robench.attack import Attack
 from robench.context import Norm, Threat
-from robench.grid import resolve_attack
+from robench.discover.registry import Registries
+from robench.plan.grid import resolve_attack
 from robench.protocol import AttackUse, Protocol
-from robench.registry import Registries
 
 _FLOOR = 1e-40  # DVERGE clamps the mean probability before the log
 

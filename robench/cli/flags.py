@@ -14,9 +14,10 @@ from typing import Any, TypeVar
 import click
 from click.core import ParameterSource
 
-from robench.benchfile import benchmark_for_command
-from robench.config import Benchmark, PluginSpec
 from robench.errors import ConfigError
+from robench.plan.benchfile import benchmark_for_command
+from robench.plan.config import Benchmark
+from robench.plugin import PluginSpec
 
 F = TypeVar("F", bound=Callable[..., Any])
 

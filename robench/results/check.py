@@ -31,9 +31,9 @@ import pandas as pd
 from scipy import stats
 
 from robench.errors import ConfigError
-from robench.numerics import machine_notes
-from robench.runfolder import RunData, RunFolderError, load_run
-from robench.runfolder import load_cells as load_cells  # re-exported: report.py reads cells through check
+from robench.execute.numerics import machine_notes
+from robench.results.runfolder import RunData, RunFolderError, load_run
+from robench.results.runfolder import load_cells as load_cells  # re-exported: report.py reads cells through check
 
 KEY_COLUMNS: tuple[str, ...] = (
     "dataset",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from robench.storage import CROSS_CELL_FLAGS, RunStore
+from robench.results.storage import CROSS_CELL_FLAGS, RunStore
 
 LARGE_EPS = 0.5  # Linf 0.5 can turn any [0, 1] image into flat grey
 MODEL_COLUMNS = ["dataset", "arch", "defense", "defense_params", "seed", "variant"]

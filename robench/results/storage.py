@@ -259,7 +259,7 @@ CROSS_CELL_FLAGS = (
     "flag_large_eps_survives",
     "flag_randomized_without_eot",
 )
-"""Flags that compare cells: set over the whole folder after a run (robench/flags.py), so a
+"""Flags that compare cells: set over the whole folder after a run (robench/results/flags.py), so a
 row is written without them."""
 ERROR_ROW_COLUMNS = frozenset({"cell_key", "cell_id", "status", "error", "started_at", "finished_at"})
 """What an ``error`` row must hold at least; its measurements stay null."""

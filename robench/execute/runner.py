@@ -17,19 +17,20 @@ import pluggy
 import torch
 
 import robench
-from robench.config import Benchmark
+from robench.cell import Cell, ModelKey
 from robench.context import Progress
+from robench.discover.manager import plugin_infos
+from robench.discover.registry import Registries
 from robench.errors import ConfigError
-from robench.executor import Executor, LocalExecutor
-from robench.flags import update_flags
-from robench.grid import Cell, ModelKey, plan, select_cells
-from robench.modelcache import ModelCache, data_fingerprint
-from robench.numerics import cpu_provenance
-from robench.pluginmanager import plugin_infos
-from robench.registry import Registries
-from robench.session import Group, Session
-from robench.storage import CellResult, RunStore
-from robench.versions import TransferCache
+from robench.execute.executor import Executor, LocalExecutor
+from robench.execute.modelcache import ModelCache, data_fingerprint
+from robench.execute.numerics import cpu_provenance
+from robench.execute.session import Group, Session
+from robench.execute.versions import TransferCache
+from robench.plan.config import Benchmark
+from robench.plan.grid import plan, select_cells
+from robench.results.flags import update_flags
+from robench.results.storage import CellResult, RunStore
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Reading a run folder for ``robench check`` and ``robench report``: cells and per-sample verdicts.
 
-Unlike :meth:`robench.storage.RunStore.read_cells`, these refuse a folder they cannot use
+Unlike :meth:`robench.results.storage.RunStore.read_cells`, these refuse a folder they cannot use
 (no ``cells/``, no readable cell, another schema version) with a :class:`RunFolderError`.
 A damaged file is skipped with a warning that names it, so one bad file does not hide the
 rest; :func:`load_run` also lists the damaged cell files, because ``robench check`` must
@@ -18,7 +18,7 @@ from typing import TypeVar
 import pandas as pd
 
 from robench.errors import RobenchError
-from robench.storage import SCHEMA_VERSION, DamagedFile, RunStore, warn_damaged
+from robench.results.storage import SCHEMA_VERSION, DamagedFile, RunStore, warn_damaged
 
 T = TypeVar("T")
 

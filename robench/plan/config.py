@@ -1,6 +1,6 @@
 """The benchmark: what to evaluate, as one frozen value built from flags (or a file).
 
-A :class:`Benchmark` names plugins and their parameters; :func:`robench.grid.plan` resolves
+A :class:`Benchmark` names plugins and their parameters; :func:`robench.plan.grid.plan` resolves
 and validates them against the registries before any compute.
 """
 
@@ -11,13 +11,12 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from robench.context import NORMS, Norm, Threat
 from robench.errors import ConfigError
-
-if TYPE_CHECKING:
-    from robench.protocol import Protocol
+from robench.plugin import PluginSpec
+from robench.protocol import Protocol
 
 PRESETS = ("smoke", "paper")
 EXCLUDE_KEYS = ("dataset", "arch", "defense", "variant", "protocol", "attack", "eps", "seed")
@@ -28,34 +27,11 @@ Exclude = tuple[tuple[str, Any], ...]
 
 
 @dataclass(frozen=True)
-class PluginSpec:
-    """A plugin name with user parameters (which override the preset's)."""
-
-    name: str
-    params: tuple[tuple[str, Any], ...] = ()
-
-    @classmethod
-    def of(cls, name: str, params: Mapping[str, Any] | None = None) -> PluginSpec:
-        """Build from a mapping of parameters."""
-        return cls(name, tuple(sorted((params or {}).items())))
-
-    def param_dict(self) -> dict[str, Any]:
-        """Parameters as a dict."""
-        return dict(self.params)
-
-    def label(self) -> str:
-        """``name`` or ``name[k=v,...]``: readable, for cell ids."""
-        if not self.params:
-            return self.name
-        return f"{self.name}[{','.join(f'{k}={_short(v)}' for k, v in self.params)}]"
-
-
-@dataclass(frozen=True)
 class Benchmark:
     """Axes of an evaluation grid; the grid is their product.
 
     ``eps`` empty means each dataset's default eps for ``norm``. ``exclude`` entries are
-    partial matches (tox style): :func:`robench.grid.plan` drops every cell matching one.
+    partial matches (tox style): :func:`robench.plan.grid.plan` drops every cell matching one.
     """
 
     name: str
@@ -123,9 +99,3 @@ def _check_exclude(entry: Exclude) -> None:
             close = difflib.get_close_matches(key, EXCLUDE_KEYS, n=1)
             hint = f" Did you mean: {close[0]}?" if close else ""
             raise ConfigError(f"exclude key {key!r} is not an axis.{hint} Use: {', '.join(EXCLUDE_KEYS)}")
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol, TypeVar
 
-from robench.storage import CellResult
+from robench.results.storage import CellResult
 
 G = TypeVar("G")
 

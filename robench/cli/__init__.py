@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 import robench
-from robench.cliflags import benchmark_options, resolve_benchmark
+from robench.cli.flags import benchmark_options, resolve_benchmark
+from robench.discover.manager import default_plugin_manager, plugin_distributions, plugin_infos
 from robench.errors import ConfigError, DamagedFileWarning, RobenchError
-from robench.pluginmanager import default_plugin_manager, plugin_distributions, plugin_infos
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from robench.registry import Registries
+    from robench.discover.registry import Registries
 
 # Modules that import torch, pandas or pyarrow are imported inside the commands that need
 # them: `robench --help`, `--version` and flag errors answer in well under a second.
@@ -55,7 +55,7 @@ def _plugin_commands() -> dict[str, click.Command]:
 
 
 def _registries() -> Registries:
-    from robench.registry import Registries
+    from robench.discover.registry import Registries
 
     return Registries.collect(default_plugin_manager())
 
@@ -143,9 +143,9 @@ def run(
     """
     benchmark = resolve_benchmark(opts, exhaustive)  # flag errors first: no torch needed for them
 
-    from robench.progress import TqdmProgress
-    from robench.runner import run as run_benchmark
-    from robench.storage import RunStore
+    from robench.execute.progress import TqdmProgress
+    from robench.execute.runner import run as run_benchmark
+    from robench.results.storage import RunStore
 
     run_dir = out or Path("results") / f"{benchmark.name}-{benchmark.config_hash()}"
     cache = cache_dir or Path(os.environ.get("ROBENCH_CACHE", Path.home() / ".cache" / "robench"))
@@ -175,7 +175,7 @@ def run(
 @_SELECT
 def plan_cmd(select: str | None, **opts: Any) -> None:
     """Print the cells a run of FILE (or of the flags) would evaluate, without computing anything."""
-    from robench.grid import plan, select_cells
+    from robench.plan.grid import plan, select_cells
 
     cells = select_cells(plan(resolve_benchmark(opts), _registries()), select)
     for cell in cells:
@@ -223,7 +223,7 @@ def plugins() -> None:
 @click.option("--schema", is_flag=True, help="Print the documented results schema instead.")
 def show(run_dir: Path | None, all_columns: bool, schema: bool) -> None:
     """Print a stored run folder as a table (or the results schema)."""
-    from robench.storage import RunStore, describe_schema
+    from robench.results.storage import RunStore, describe_schema
 
     if schema:
         for table, column, dtype, doc in describe_schema():
@@ -282,7 +282,7 @@ def check_cmd(
     the check too (exit 1); new cells are reported. Unusable input (not a run folder, another
     schema version, no cells in common) exits 2.
     """
-    from robench.check import check, format_markdown, format_text, to_json
+    from robench.results.check import check, format_markdown, format_text, to_json
 
     if as_json and markdown:
         raise click.UsageError("--json and --markdown are alternatives: give one")
@@ -296,7 +296,7 @@ def check_cmd(
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Report folder (default: RUN_DIR/report).")
 def report_cmd(run_dir: Path, out: Path | None) -> None:
     """Write report.md (per protocol: robust accuracy by defense and eps, efficiency) and PNG plots."""
-    from robench.report import write_report
+    from robench.results.report import write_report
 
     written = write_report(run_dir, out)
     for path in written:

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from robench.cell import ModelKey
 from robench.context import Context, ImageData
 from robench.defense import Defense
 from robench.errors import CacheError
-from robench.grid import ModelKey
 
 FORMAT_VERSION = 1
 

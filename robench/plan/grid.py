@@ -1,4 +1,4 @@
-"""Expand a :class:`~robench.config.Benchmark` into cells, validating every plugin first.
+"""Expand a :class:`~robench.plan.config.Benchmark` into cells, validating every plugin first.
 
 Planning only: nothing here trains or attacks. Every name and parameter is checked against
 the registries, so a typo fails in milliseconds, not after an hour of training.
@@ -6,82 +6,20 @@ the registries, so a typo fails in milliseconds, not after an hour of training.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
-from dataclasses import dataclass
 from typing import Any
 
 from robench.attack import Attack
-from robench.config import Benchmark, Exclude, PluginSpec
+from robench.cell import Cell, ModelKey
 from robench.context import Norm, Threat
 from robench.defense import Defense
+from robench.discover.registry import Registries
 from robench.errors import ConfigError
+from robench.plan.config import Benchmark, Exclude
+from robench.plugin import PluginSpec
 from robench.protocol import Protocol, single_attack
-from robench.registry import Registries
-
-
-@dataclass(frozen=True)
-class ModelKey:
-    """What determines a built model: built once per key, cached by its hash."""
-
-    dataset: str
-    arch: str
-    defense: str
-    defense_params: str  # canonical JSON of the resolved parameters (preset + user)
-    defense_label: str  # readable: name plus the user's parameters
-    seed: int
-    preset: str
-    revision: int = 1  # Defense.model_revision(): bumped when the defense's models would change
-
-    def digest(self) -> str:
-        """Content hash of the key (the model cache's directory name)."""
-        fields: list[object] = [self.dataset, self.arch, self.defense, self.defense_params, self.seed]
-        if self.revision != 1:  # so that keys (and cached models) of revision-1 defenses never moved
-            fields.append(self.revision)
-        return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One evaluation: a model variant under one attack protocol at one eps."""
-
-    model: ModelKey
-    variant: str
-    protocol: Protocol
-    norm: Norm
-    eps: float
-    n_samples: int
-    sample_seed: int
-
-    @property
-    def id(self) -> str:
-        """Stable, readable id, e.g. ``fashion-mnist/cnn8/advt/model/pgd/linf/eps=0.1/seed=0``."""
-        m = self.model
-        return (
-            f"{m.dataset}/{m.arch}/{m.defense_label}/{self.variant}/{self.protocol.name}/"
-            f"{self.norm}/eps={self.eps:g}/seed={m.seed}"
-        )
-
-    @property
-    def key(self) -> str:
-        """Content hash of everything that determines the cell's numbers (file names)."""
-        fields = [
-            self.model.digest(),
-            self.variant,
-            self.protocol.canonical(),
-            self.norm,
-            self.eps,
-            self.n_samples,
-            self.sample_seed,
-        ]
-        return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
-
-    @property
-    def threat(self) -> Threat:
-        """The cell's threat model."""
-        return Threat(self.norm, self.eps)
 
 
 def model_key(defense: Defense, dataset: str, arch: str, spec: PluginSpec, seed: int, preset: str) -> ModelKey:

@@ -22,8 +22,8 @@ from robench.attack import derive_key, sample_keys
 from robench.context import ImageData, Progress, Threat
 from robench.defense import Variant
 from robench.errors import RobenchError
-from robench.metrics import all_or_nothing
-from robench.versions import ExpectationModel, Version
+from robench.execute.versions import ExpectationModel, Version
+from robench.results.metrics import all_or_nothing
 
 _TOLERANCE = 1e-5  # float slack when checking the eps-ball
 

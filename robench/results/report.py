@@ -21,8 +21,8 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from robench.check import load_cells
-from robench.storage import describe_schema
+from robench.results.check import load_cells
+from robench.results.storage import describe_schema
 
 SECTION = ["protocol_label", "dataset", "arch", "norm"]
 """One table per protocol (as labelled in the cell id, parameters included), dataset, arch and norm."""

@@ -16,8 +16,8 @@ from robench.architecture import Architecture
 from robench.attack import Attack
 from robench.dataset import Dataset
 from robench.defense import Defense
+from robench.discover.manager import PluginInfo, plugin_infos
 from robench.errors import PluginConflictError, PluginValidationError, UnknownPluginError
-from robench.pluginmanager import PluginInfo, plugin_infos
 from robench.protocol import ProtocolDef
 
 T = TypeVar("T")

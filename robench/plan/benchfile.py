@@ -2,7 +2,7 @@
 
 ``benchmarks/README.md`` documents the format with an annotated example. This module checks
 the file's shape (known keys, value types) and its ``requires`` list; plugin names and
-parameters are validated by :func:`robench.grid.plan`, exactly as for command-line flags.
+parameters are validated by :func:`robench.plan.grid.plan`, exactly as for command-line flags.
 Every error names the file.
 """
 
@@ -18,8 +18,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from robench.config import Benchmark, PluginSpec, exclude_entry
 from robench.errors import ConfigError
+from robench.plan.config import Benchmark, exclude_entry
+from robench.plugin import PluginSpec
 from robench.protocol import Protocol, protocol_from_dict
 
 TOP_KEYS = ("name", "preset", "requires", "norm", "grid", "evaluation", "defenses", "attacks", "protocols")

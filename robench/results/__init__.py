@@ -1,0 +1,3 @@
+"""Results: the parquet schema and run folders (the only code that writes them),
+sanity flags, regression checks and reports.
+"""
