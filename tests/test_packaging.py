@@ -12,6 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGINS = ROOT / "plugins"
+ROBENCH = ROOT / "robench"
 CORE = ROOT / "robench"
 
 
@@ -62,6 +63,15 @@ def test_every_entry_point_names_an_existing_builtin() -> None:
 def test_every_builtin_package_is_listed_in_setuptools_packages() -> None:
     packages = pyproject()["tool"]["setuptools"]["packages"]
     missing = [f"robench.plugins.{name}" for name in builtin_packages() if f"robench.plugins.{name}" not in packages]
+    assert not missing, f"add {missing} to [tool.setuptools] packages"
+
+
+def test_every_robench_subpackage_is_listed_in_setuptools_packages() -> None:
+    # a sub-package missing here is absent from the wheel: robench would install, then fail to import
+    packages = pyproject()["tool"]["setuptools"]["packages"]
+    core = sorted(".".join(init.parent.relative_to(ROBENCH.parent).parts) for init in ROBENCH.rglob("__init__.py"))
+    assert core and "robench.execute" in core
+    missing = [name for name in core if name not in packages]
     assert not missing, f"add {missing} to [tool.setuptools] packages"
 
 
