@@ -142,6 +142,9 @@ def run(
     flags do. Example: robench run --defense advt --attack pgd --eps 0.05 --eps 0.1
     """
     benchmark = resolve_benchmark(opts, exhaustive)  # flag errors first: no torch needed for them
+    from robench.plan.grid import plan
+
+    plan(benchmark, _registries())  # then plugin names and parameters, before pandas and pyarrow load
 
     from robench.execute.progress import TqdmProgress
     from robench.execute.runner import run as run_benchmark
