@@ -28,7 +28,7 @@ from robench.cell import Cell, ModelKey
 from robench.context import Context, ImageData, Progress
 from robench.discover.registry import Registries
 from robench.execute.efficiency import measure
-from robench.execute.engine import Outcome, Setup, evaluate, generate
+from robench.execute.engine import Outcome, Setup, deterministic, evaluate, generate
 from robench.execute.modelcache import ModelCache, data_fingerprint
 from robench.execute.modelcheck import (
     CHECK_SAMPLES,
@@ -249,7 +249,8 @@ class Session:
             grad_model=None if variant.grad_model is None else setup.place_model(variant.grad_model),
         )
         num_classes = self.registries.datasets.get(cell.model.dataset).shape.num_classes
-        checks = check_model(placed, setup.place(x), y.to(setup.device), num_classes)
+        with deterministic(setup.device):  # as the attacks run: on CUDA, repeats must not differ by kernel choice
+            checks = check_model(placed, setup.place(x), y.to(setup.device), num_classes)
         if checks.fired(variant.randomized) or checks.training_modules:
             self.progress.log(f"checks {cell.id}: {checks.describe(variant.randomized)}")
         if variant.randomized:  # restart its random stream: the checks drew from it
