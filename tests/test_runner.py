@@ -320,3 +320,36 @@ def test_a_selected_run_into_an_existing_folder_keeps_its_manifest_whole(
     manifest = RunStore(tmp_path / "run").read_manifest()
     assert sorted(c["id"].split("/")[-2] for c in manifest["cells"]) == ["eps=0.2", "eps=0.23"]
     assert {c["key"] for c in manifest["cells"]} == set(RunStore(tmp_path / "run").read_cells()["cell_key"])
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scripted(robench.Defense):
+    """A trained baseline shipped as a TorchScript module (models that take no forward hooks)."""
+
+    name: ClassVar[str] = "scripted"
+
+    def fit(self, ctx: robench.Context) -> dict[str, nn.Module]:
+        assert ctx.get_models is not None
+        (model,) = ctx.get_models("baseline", {"epochs": 3, "lr": 0.05, "momentum": 0.9}).values()
+        return {"model": torch.jit.trace(model.eval(), ctx.train.batch(torch.arange(2))[0])}
+
+    def skeletons(self, ctx: robench.Context) -> dict[str, nn.Module]:
+        return self.fit(ctx)
+
+
+class _ScriptedPlugin:
+    @robench.hookimpl
+    def robench_defenses(self) -> list[type[robench.Defense]]:
+        return [Scripted]
+
+
+def test_a_torchscript_variant_is_attacked_and_counted_like_its_module(
+    pm: pluggy.PluginManager, tmp_path: Path
+) -> None:
+    pm.register(_ScriptedPlugin(), name="scripted")
+    both = (PluginSpec.of("baseline", {"epochs": 3, "lr": 0.05, "momentum": 0.9}), PluginSpec("scripted"))
+    table = cells(run_tiny(pm, tmp_path, defenses=both)).set_index(["defense", "eps"]).sort_index()
+    assert (table["status"] == "ok").all(), table["error"].tolist()
+    for column in ["clean_acc", "robust_acc", "gradient_calls", "queries"]:
+        assert table.loc["scripted", column].tolist() == table.loc["baseline", column].tolist(), column
+    assert table["gradient_calls"].min() > 0

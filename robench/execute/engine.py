@@ -146,10 +146,10 @@ def _evaluate(
 ) -> Outcome:
     start = time.perf_counter()
     judge = Judge(setup.place_model(variant.model), setup.votes if variant.randomized else 1)
-    grad_model = setup.place_model(variant.attack_model)
-    counter = _ForwardCounter(grad_model)  # the model itself: EOT draws count one by one
+    counter = _Counting(setup.place_model(variant.attack_model))  # inside EOT: draws count one by one
+    grad_model: nn.Module = counter
     if variant.randomized and setup.eot > 1:
-        grad_model = ExpectationModel(grad_model, setup.eot)
+        grad_model = ExpectationModel(counter, setup.eot)
     outcome = Outcome(clean=_correct_all(judge, data, indices, setup))
     robust = outcome.clean.clone()
     bar = progress.bar(len(versions), "versions")
@@ -168,7 +168,6 @@ def _evaluate(
             bar.update(1, robust=float(robust.float().mean()))
     finally:
         bar.close()
-        counter.remove()
     stacked = torch.stack(outcome.versions) if outcome.versions else torch.zeros(0, dtype=torch.bool)
     outcome.robust = all_or_nothing(outcome.clean, stacked)
     assert torch.equal(outcome.robust, robust)  # the running AND and the definition agree
@@ -254,24 +253,25 @@ def _chunks(indices: Tensor, size: int) -> list[Tensor]:
     return [indices[i : i + size] for i in range(0, len(indices), size)]
 
 
-class _ForwardCounter:
-    """Counts sample-level forward passes through the attacked model while attacks run.
+class _Counting(nn.Module):
+    """The attacked model, counting sample-level forward passes while attacks run.
 
-    Scoring passes (under inference mode) are not counted; gradient-free attacks (Square)
-    show up as queries without gradient calls.
+    A wrapper rather than a forward hook, so that models which take no hooks (TorchScript)
+    are counted too. Passes under inference mode are not counted; gradient-free attacks
+    (Square) show up as queries without gradient calls.
     """
 
     def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
         self.gradient_calls = 0
         self.queries = 0
-        self._handle = model.register_forward_pre_hook(self._hook)
 
-    def _hook(self, module: nn.Module, args: tuple[Tensor, ...]) -> None:
-        if torch.is_inference_mode_enabled():
-            return
-        self.queries += int(args[0].shape[0])
-        if torch.is_grad_enabled():
-            self.gradient_calls += int(args[0].shape[0])
-
-    def remove(self) -> None:
-        self._handle.remove()
+    def forward(self, x: Tensor) -> Tensor:
+        """The model's output; counts the batch."""
+        if not torch.is_inference_mode_enabled():
+            self.queries += int(x.shape[0])
+            if torch.is_grad_enabled():
+                self.gradient_calls += int(x.shape[0])
+        out: Tensor = self.model(x)
+        return out
