@@ -7,6 +7,7 @@ the build context, so the same seed trains the same model.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robench.context import Context, ImageData
+from robench.resume import Checkpointer, Parts, Position
 
 # (model, x, y) -> the inputs to train on, e.g. PGD examples for adversarial training
 InputFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
@@ -84,37 +86,62 @@ def train(
 
     On CUDA the forward/backward runs in channels_last with bf16 autocast; attacks inside
     ``inputs`` run in full precision so they keep their strength.
+
+    The phase checkpoints into ``ctx.cache_dir`` at every epoch's end and every
+    ``$ROBENCH_CHECKPOINT_SECONDS`` (default 600) within an epoch; called again after a
+    crash it resumes from its last checkpoint and ends with the weights of an uninterrupted
+    run (:mod:`robench.resume`). An ``inputs`` function with state of its own (a step
+    counter) must implement :class:`robench.resume.StatefulInputs`, as :func:`pgd_inputs` does.
     """
     gen = ctx.generator(salt=1)
     torch.manual_seed(ctx.seed)  # for library code that draws from the global generator
+    checkpoints = Checkpointer.for_phase(model, ctx, dataclasses.asdict(schedule), inputs, desc)
     device = ctx.device
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     opt, sched = sgd(model, schedule)
+    parts = Parts(model, opt, sched, gen, inputs, device)
     indices = subset_indices(len(ctx.train), schedule.train_subset, ctx.seed)
     n_batches = -(-len(indices) // schedule.batch_size)
+    pos = checkpoints.restore(parts, desc, schedule.epochs)
     bar = ctx.progress.bar(schedule.epochs * n_batches, desc)
-    for _epoch in range(schedule.epochs):
+    if pos.epoch * n_batches + pos.batch:
+        bar.update(pos.epoch * n_batches + pos.batch)  # the bar starts where the phase resumes
+    for epoch in range(pos.epoch, schedule.epochs):
         model.train()
-        for x, y in iterate(ctx.train, indices, schedule.batch_size, gen):
-            if schedule.augment == "crop-flip":
-                x = crop_flip(x, gen)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            if inputs is not None:
-                x = inputs(model, x, y)
-            with _autocast(device):
-                loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            opt.step()
-            bar.update(1, loss=loss.item())
+        # the same draws as iterate(): one permutation per epoch, then crop-flip per batch
+        order = pos.order if pos.order is not None else indices[torch.randperm(len(indices), generator=gen)]
+        for batch in range(pos.batch, n_batches):
+            x, y = ctx.train.batch(order[batch * schedule.batch_size : (batch + 1) * schedule.batch_size])
+            loss = _step(parts, schedule, x, y)
+            bar.update(1, loss=loss)
+            if batch + 1 < n_batches and checkpoints.due():
+                checkpoints.save(parts, Position(epoch, batch + 1, order))
         sched.step()
+        pos = Position(epoch + 1)
+        checkpoints.save(parts, pos)
     bar.close()
     model.eval()
     return model
+
+
+def _step(parts: Parts, schedule: Schedule, x: Tensor, y: Tensor) -> float:
+    """One SGD step on a batch; returns its loss."""
+    model, device = parts.model, parts.device
+    if schedule.augment == "crop-flip":
+        x = crop_flip(x, parts.generator)
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    if parts.inputs is not None:
+        x = parts.inputs(model, x, y)
+    with _autocast(device):
+        loss = F.cross_entropy(model(x), y)
+    parts.optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # type: ignore[no-untyped-call]
+    parts.optimizer.step()
+    return loss.item()
 
 
 def pgd_inputs(eps: float, steps: int, step_fraction: float, *, random_start: bool, ramp_steps: float = 0) -> InputFn:
@@ -124,21 +151,47 @@ def pgd_inputs(eps: float, steps: int, step_fraction: float, *, random_start: bo
     eps grows linearly from 0 over that many training batches. torchattacks' PGD is used as
     is: training needs reproducible draws, not robench's per-sample keyed ones.
     """
-    step = 0
+    return _PGDInputs(eps, steps, step_fraction, random_start, ramp_steps)
 
-    def inputs(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        nonlocal step
-        step += 1
-        eps_now = eps * min(1.0, step / ramp_steps) if ramp_steps else eps
+
+class _PGDInputs:
+    """:func:`pgd_inputs`' function; its batch counter (the eps ramp) is checkpointed."""
+
+    def __init__(self, eps: float, steps: int, step_fraction: float, random_start: bool, ramp_steps: float) -> None:
+        self.eps, self.steps, self.step_fraction = eps, steps, step_fraction
+        self.random_start, self.ramp_steps = random_start, ramp_steps
+        self.step = 0
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        self.step += 1
+        eps = self.eps
+        eps_now = eps * min(1.0, self.step / self.ramp_steps) if self.ramp_steps else eps
         import torchattacks  # here, not at the top: it costs 1.5 s to import (scipy)
 
         attack = torchattacks.PGD(
-            model, eps=eps_now, alpha=step_fraction * eps_now, steps=steps, random_start=random_start
+            model, eps=eps_now, alpha=self.step_fraction * eps_now, steps=self.steps, random_start=self.random_start
         )
         out: Tensor = attack(x, y)
         return out
 
-    return inputs
+    def identity(self) -> dict[str, object]:
+        """The parameters (see :class:`robench.resume.StatefulInputs`)."""
+        return {
+            "kind": "pgd",
+            "eps": self.eps,
+            "steps": self.steps,
+            "step_fraction": self.step_fraction,
+            "random_start": self.random_start,
+            "ramp_steps": self.ramp_steps,
+        }
+
+    def state_dict(self) -> dict[str, int]:
+        """The batch counter."""
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restore the batch counter."""
+        self.step = int(state["step"])
 
 
 def _autocast(device: torch.device) -> contextlib.AbstractContextManager[object]:
