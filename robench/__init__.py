@@ -42,9 +42,11 @@ _EXPORTS: dict[str, str] = {
     "Defense": "robench.defense",
     "Ensemble": "robench.execute.versions",
     "ImageData": "robench.context",
+    "AfterStep": "robench.training",
     "InputFn": "robench.training",
     "LossFn": "robench.losses",
     "LossName": "robench.losses",
+    "LossStep": "robench.training",
     "ModelKey": "robench.cell",
     "Norm": "robench.context",
     "PluginSpec": "robench.plugin",
@@ -55,6 +57,7 @@ _EXPORTS: dict[str, str] = {
     "RobenchError": "robench.errors",
     "Schedule": "robench.training",
     "Split": "robench.dataset",
+    "Stateful": "robench.resume",
     "Surrogate": "robench.protocol",
     "Threat": "robench.context",
     "UnknownPluginError": "robench.errors",
@@ -78,6 +81,7 @@ _EXPORTS: dict[str, str] = {
 """Public name -> the module that defines it (and documents it)."""
 
 __all__ = [
+    "AfterStep",
     "Architecture",
     "Attack",
     "AttackUse",
@@ -96,6 +100,7 @@ __all__ = [
     "InputFn",
     "LossFn",
     "LossName",
+    "LossStep",
     "ModelKey",
     "Norm",
     "PluginSpec",
@@ -106,6 +111,7 @@ __all__ = [
     "RobenchError",
     "Schedule",
     "Split",
+    "Stateful",
     "Surrogate",
     "Threat",
     "UnknownPluginError",
@@ -184,7 +190,10 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported e
     from robench.protocol import ProtocolDef as ProtocolDef
     from robench.protocol import Surrogate as Surrogate
     from robench.results.storage import CellResult as CellResult
+    from robench.resume import Stateful as Stateful
+    from robench.training import AfterStep as AfterStep
     from robench.training import InputFn as InputFn
+    from robench.training import LossStep as LossStep
     from robench.training import Schedule as Schedule
     from robench.training import crop_flip as crop_flip
     from robench.training import iterate as iterate

@@ -6,13 +6,16 @@ saved, so only an interrupted build leaves checkpoints behind). A file holds eve
 rest of the phase depends on: the weights, the optimizer and learning-rate schedule, the
 epoch's batch order and position, the loop's data generator, torch's global generator
 (CPU, and CUDA when training there: torchattacks' random starts draw from it) and the state
-of a stateful ``inputs`` function (the eps ramp of :func:`robench.pgd_inputs`). Resuming
-from it therefore ends with exactly the weights of an uninterrupted phase.
+of stateful callbacks (``inputs``, ``loss``, ``after_step``: the eps ramp of
+:func:`robench.pgd_inputs`, a loss's own generator). Resuming from it therefore ends with
+exactly the weights of an uninterrupted phase.
 
 A phase is identified by *what it computes*, not by when it runs: a digest of its
 description, schedule, seed, training data (size and labels), the device kind, its
-starting weights and module structure, and its ``inputs`` function (parameters and
-starting state for :func:`robench.pgd_inputs`; module and name for other callables). The
+starting weights and module structure, and its callbacks (parameters and starting state
+for :class:`Stateful` ones; module and qualified name for other callables, which is enough
+because the scratch folder is private to one model key: only a code change could give
+another callable the same name there, and a code change bumps the defense's revision). The
 training loop is a function of exactly these, so a checkpoint whose identity matches is
 valid wherever it is found; one written with other parameters has another name, and its
 stored identity is compared on load as well. Phases of a multi-phase build never collide
@@ -44,7 +47,7 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from robench.context import Context
 
-FORMAT = 1
+FORMAT = 2
 PERIOD_ENV = "ROBENCH_CHECKPOINT_SECONDS"
 DEFAULT_PERIOD = 600.0
 """Seconds between mid-epoch checkpoints (besides the one at every epoch's end): paper-preset
@@ -52,11 +55,13 @@ epochs on a GPU take minutes, and a checkpoint of a CIFAR ResNet costs well unde
 
 
 @runtime_checkable
-class StatefulInputs(Protocol):
-    """An ``inputs`` function with state that must survive a resume (e.g. a step counter).
+class Stateful(Protocol):
+    """A training callback with state that must survive a resume (a step counter, a
+    generator of its own): an ``inputs``, ``loss`` or ``after_step`` of :func:`robench.train`.
 
     :func:`robench.train` saves ``state_dict()`` in its checkpoints and calls
-    ``load_state_dict`` on resume; ``identity()`` names the function and its parameters.
+    ``load_state_dict`` on resume; ``identity()`` names the callback's parameters, which
+    (with the starting state) are part of the phase's identity.
     """
 
     def identity(self) -> dict[str, object]:
@@ -89,7 +94,8 @@ class Parts:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     generator: torch.Generator
-    inputs: Callable[..., Tensor] | None
+    callbacks: dict[str, Callable[..., Any] | None]
+    """The phase's ``inputs``, ``loss`` and ``after_step`` (None where the default applies)."""
     device: torch.device
 
 
@@ -107,16 +113,16 @@ class Checkpointer:
         model: nn.Module,
         ctx: Context,
         schedule: dict[str, object],
-        inputs: Callable[..., Tensor] | None,
+        callbacks: dict[str, Callable[..., Any] | None],
         desc: str,
     ) -> Checkpointer:
-        """The checkpointer of the phase ``train(model, ctx, schedule, inputs, desc)`` runs
-        (``schedule`` as a dict of its fields: this module does not import the training loop).
+        """The checkpointer of the phase ``train(model, ctx, schedule, **callbacks, desc)``
+        runs (``schedule`` as a dict of its fields: this module does not import the loop).
 
         Without a scratch folder (``ctx.cache_dir`` missing: a caller outside the runner),
         nothing is saved.
         """
-        identity = json.dumps(_identity(model, ctx, schedule, inputs, desc), sort_keys=True)
+        identity = json.dumps(_identity(model, ctx, schedule, callbacks, desc), sort_keys=True)
         if not ctx.cache_dir.is_dir():
             return cls(None, identity, ctx.progress.log)
         digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
@@ -135,8 +141,9 @@ class Checkpointer:
         torch.set_rng_state(state["cpu_rng"])
         if parts.device.type == "cuda" and state["cuda_rng"] is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], parts.device)
-        if isinstance(parts.inputs, StatefulInputs):
-            parts.inputs.load_state_dict(state["inputs"])
+        for name, callback in parts.callbacks.items():
+            if isinstance(callback, Stateful):
+                callback.load_state_dict(state["callbacks"][name])
         pos = Position(state["epoch"], state["batch"], state["order"])
         if pos.epoch >= epochs:
             self.log(f"resuming {desc} at its end (finished before the interruption) from {self.path}")
@@ -165,7 +172,10 @@ class Checkpointer:
             "generator": parts.generator.get_state(),
             "cpu_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(parts.device) if cuda else None,
-            "inputs": parts.inputs.state_dict() if isinstance(parts.inputs, StatefulInputs) else None,
+            "callbacks": {
+                name: callback.state_dict() if isinstance(callback, Stateful) else None
+                for name, callback in parts.callbacks.items()
+            },
         }
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         try:
@@ -191,7 +201,11 @@ class Checkpointer:
 
 
 def _identity(
-    model: nn.Module, ctx: Context, schedule: dict[str, object], inputs: Callable[..., Tensor] | None, desc: str
+    model: nn.Module,
+    ctx: Context,
+    schedule: dict[str, object],
+    callbacks: dict[str, Callable[..., Any] | None],
+    desc: str,
 ) -> dict[str, object]:
     return {
         "format": FORMAT,
@@ -201,7 +215,7 @@ def _identity(
         "device": ctx.device.type,
         "data": [len(ctx.train), hashlib.sha256(ctx.train.labels.numpy().tobytes()).hexdigest()],
         "model": _model_digest(model),
-        "inputs": _inputs_identity(inputs),
+        "callbacks": {name: _callback_identity(callback) for name, callback in sorted(callbacks.items())},
     }
 
 
@@ -222,11 +236,22 @@ def _model_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _inputs_identity(inputs: Callable[..., Tensor] | None) -> object:
-    if inputs is None:
+def _callback_identity(callback: Callable[..., Any] | None) -> object:
+    if callback is None:
         return None
-    if isinstance(inputs, StatefulInputs):
-        start = {k: v.tolist() if isinstance(v, Tensor) else v for k, v in inputs.state_dict().items()}
-        return {"params": inputs.identity(), "start": start}
-    kind = inputs if hasattr(inputs, "__qualname__") else type(inputs)
+    if isinstance(callback, Stateful):
+        start = {k: _plain(v) for k, v in callback.state_dict().items()}
+        return {"params": callback.identity(), "start": start}
+    kind = callback if hasattr(callback, "__qualname__") else type(callback)
     return f"{getattr(kind, '__module__', '')}.{getattr(kind, '__qualname__', '')}"
+
+
+def _plain(value: object) -> object:
+    """A JSON-able digest of one state entry (a generator state is a large uint8 tensor)."""
+    if isinstance(value, Tensor):
+        if value.numel() > 64:
+            return hashlib.sha256(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value

@@ -20,6 +20,10 @@ from robench.resume import Checkpointer, Parts, Position
 
 # (model, x, y) -> the inputs to train on, e.g. PGD examples for adversarial training
 InputFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
+# (model, x, y) -> the batch's scalar training loss (cross-entropy of model(x) by default)
+LossStep = Callable[[nn.Module, Tensor, Tensor], Tensor]
+# (model) -> None, after every optimizer step (e.g. re-applying pruning masks)
+AfterStep = Callable[[nn.Module], None]
 
 
 @dataclass(frozen=True)
@@ -80,28 +84,42 @@ def sgd(model: nn.Module, schedule: Schedule) -> tuple[torch.optim.SGD, torch.op
 
 
 def train(
-    model: nn.Module, ctx: Context, schedule: Schedule, *, inputs: InputFn | None = None, desc: str = "train"
+    model: nn.Module,
+    ctx: Context,
+    schedule: Schedule,
+    *,
+    inputs: InputFn | None = None,
+    loss: LossStep | None = None,
+    after_step: AfterStep | None = None,
+    desc: str = "train",
 ) -> nn.Module:
-    """Train ``model`` with SGD and cross-entropy on ``inputs(model, x, y)`` (clean by default).
+    """Train ``model`` with SGD, one phase: every batch goes through ``inputs(model, x, y)``
+    (clean by default), then ``loss(model, x, y)`` (cross-entropy of ``model(x)`` by
+    default: TRADES, distillation or a consistency loss replace it), one optimizer step,
+    then ``after_step(model)`` (re-applying pruning masks, say).
 
     On CUDA the forward/backward runs in channels_last with bf16 autocast; attacks inside
-    ``inputs`` run in full precision so they keep their strength.
+    ``inputs`` run in full precision so they keep their strength. ``loss`` runs under the
+    autocast too.
 
     The phase checkpoints into ``ctx.cache_dir`` at every epoch's end and every
     ``$ROBENCH_CHECKPOINT_SECONDS`` (default 600) within an epoch; called again after a
     crash it resumes from its last checkpoint and ends with the weights of an uninterrupted
-    run (:mod:`robench.resume`). An ``inputs`` function with state of its own (a step
-    counter) must implement :class:`robench.resume.StatefulInputs`, as :func:`pgd_inputs` does.
+    run (:mod:`robench.resume`). A callback with state of its own (a step counter, its own
+    generator) must implement :class:`robench.Stateful`, as :func:`pgd_inputs` does; one
+    drawing from torch's global generator needs nothing (the checkpoint holds it). A
+    multi-phase defense calls ``train`` once per phase and resumes at the phase it was in.
     """
     gen = ctx.generator(salt=1)
     torch.manual_seed(ctx.seed)  # for library code that draws from the global generator
-    checkpoints = Checkpointer.for_phase(model, ctx, dataclasses.asdict(schedule), inputs, desc)
+    callbacks = {"inputs": inputs, "loss": loss, "after_step": after_step}
+    checkpoints = Checkpointer.for_phase(model, ctx, dataclasses.asdict(schedule), callbacks, desc)
     device = ctx.device
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     opt, sched = sgd(model, schedule)
-    parts = Parts(model, opt, sched, gen, inputs, device)
+    parts = Parts(model, opt, sched, gen, callbacks, device)
     indices = subset_indices(len(ctx.train), schedule.train_subset, ctx.seed)
     n_batches = -(-len(indices) // schedule.batch_size)
     pos = checkpoints.restore(parts, desc, schedule.epochs)
@@ -114,8 +132,8 @@ def train(
         order = pos.order if pos.order is not None else indices[torch.randperm(len(indices), generator=gen)]
         for batch in range(pos.batch, n_batches):
             x, y = ctx.train.batch(order[batch * schedule.batch_size : (batch + 1) * schedule.batch_size])
-            loss = _step(parts, schedule, x, y)
-            bar.update(1, loss=loss)
+            batch_loss = _step(parts, schedule, x, y)
+            bar.update(1, loss=batch_loss)
             if batch + 1 < n_batches and checkpoints.due():
                 checkpoints.save(parts, Position(epoch, batch + 1, order))
         sched.step()
@@ -134,14 +152,17 @@ def _step(parts: Parts, schedule: Schedule, x: Tensor, y: Tensor) -> float:
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
-    if parts.inputs is not None:
-        x = parts.inputs(model, x, y)
+    inputs, loss_step, after_step = (parts.callbacks[k] for k in ("inputs", "loss", "after_step"))
+    if inputs is not None:
+        x = inputs(model, x, y)
     with _autocast(device):
-        loss = F.cross_entropy(model(x), y)
+        loss: Tensor = F.cross_entropy(model(x), y) if loss_step is None else loss_step(model, x, y)
     parts.optimizer.zero_grad(set_to_none=True)
     loss.backward()  # type: ignore[no-untyped-call]
     parts.optimizer.step()
-    return loss.item()
+    if after_step is not None:
+        after_step(model)
+    return float(loss.item())
 
 
 def pgd_inputs(eps: float, steps: int, step_fraction: float, *, random_start: bool, ramp_steps: float = 0) -> InputFn:
@@ -175,7 +196,7 @@ class _PGDInputs:
         return out
 
     def identity(self) -> dict[str, object]:
-        """The parameters (see :class:`robench.resume.StatefulInputs`)."""
+        """The parameters (see :class:`robench.Stateful`)."""
         return {
             "kind": "pgd",
             "eps": self.eps,

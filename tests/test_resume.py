@@ -119,6 +119,60 @@ def test_an_interrupted_phase_resumes_to_the_uninterrupted_weights(
         assert not again.lines
 
 
+class NoisyLoss:
+    """A loss with a generator of its own (as a distillation loss sampling subnets has):
+    cross-entropy on inputs with Gaussian noise drawn from it."""
+
+    def __init__(self, sigma: float = 0.1) -> None:
+        self.sigma, self.gen = sigma, torch.Generator().manual_seed(5)
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn(x.shape, generator=self.gen) * self.sigma
+        return nn.functional.cross_entropy(model((x + noise).clamp(0, 1)), y)
+
+    def identity(self) -> dict[str, object]:
+        return {"kind": "noisy", "sigma": self.sigma}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"gen": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.gen.set_state(state["gen"])
+
+
+def zero_first_conv(model: nn.Module) -> None:
+    """An after_step that keeps a mask: the first conv's first filter stays zero."""
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    with torch.no_grad():
+        first.weight[0].zero_()
+
+
+@pytest.mark.parametrize("crash_at", [4, 9])
+def test_a_phase_with_a_stateful_loss_and_an_after_step_resumes_to_the_same_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_at: int
+) -> None:
+    monkeypatch.setenv("ROBENCH_CHECKPOINT_SECONDS", "0")
+    expected, rng = reference(tmp_path / "ref", loss=NoisyLoss(), after_step=zero_first_conv)
+    clean, _ = reference(tmp_path / "clean")
+    assert not torch.equal(expected.state_dict()["1.0.weight"], clean.state_dict()["1.0.weight"])
+    ctx = context(tmp_path, Recorder(crash_at))
+    with pytest.raises(Crash):
+        robench.train(ctx.new_model(), ctx, SCHEDULE, loss=NoisyLoss(), after_step=zero_first_conv)
+    model = robench.train(ctx.new_model(), ctx, SCHEDULE, loss=NoisyLoss(), after_step=zero_first_conv)
+    assert_same_weights(model, expected)
+    assert torch.equal(torch.get_rng_state(), rng)
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert first.weight[0].abs().sum() == 0  # the mask survived every step, the resumed ones too
+
+
+def test_another_loss_parameter_is_another_phase(tmp_path: Path) -> None:
+    ctx = context(tmp_path)
+    robench.train(ctx.new_model(), ctx, SCHEDULE, loss=NoisyLoss(0.1))
+    robench.train(ctx.new_model(), ctx, SCHEDULE, loss=NoisyLoss(0.2))
+    robench.train(ctx.new_model(), ctx, SCHEDULE)
+    assert len(list(tmp_path.glob("train-*.pt"))) == 3
+
+
 def only(folder: Path) -> Path:
     (path,) = folder.glob("train-*.pt")
     return path
