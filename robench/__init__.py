@@ -34,8 +34,10 @@ _EXPORTS: dict[str, str] = {
     "CacheError": "robench.errors",
     "Cell": "robench.cell",
     "CellResult": "robench.results.storage",
+    "CLEAN_SOURCE": "robench.protocol",
     "ConfigError": "robench.errors",
     "Context": "robench.context",
+    "Corruption": "robench.corruption",
     "DataNotFoundError": "robench.errors",
     "DataShape": "robench.context",
     "Dataset": "robench.dataset",
@@ -64,6 +66,8 @@ _EXPORTS: dict[str, str] = {
     "evaluate": "robench.api",
     "read_run": "robench.api",
     "Variant": "robench.defense",
+    "SEVERITIES": "robench.corruption",
+    "STANDARD_CORRUPTIONS": "robench.corruption",
     "crop_flip": "robench.training",
     "cross_entropy": "robench.losses",
     "cw_margin": "robench.losses",
@@ -81,6 +85,9 @@ _EXPORTS: dict[str, str] = {
 """Public name -> the module that defines it (and documents it)."""
 
 __all__ = [
+    "CLEAN_SOURCE",
+    "SEVERITIES",
+    "STANDARD_CORRUPTIONS",
     "AfterStep",
     "Architecture",
     "Attack",
@@ -91,6 +98,7 @@ __all__ = [
     "CellResult",
     "ConfigError",
     "Context",
+    "Corruption",
     "DataNotFoundError",
     "DataShape",
     "Dataset",
@@ -168,6 +176,9 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported e
     from robench.context import Progress as Progress
     from robench.context import ProgressBar as ProgressBar
     from robench.context import Threat as Threat
+    from robench.corruption import SEVERITIES as SEVERITIES
+    from robench.corruption import STANDARD_CORRUPTIONS as STANDARD_CORRUPTIONS
+    from robench.corruption import Corruption as Corruption
     from robench.dataset import Dataset as Dataset
     from robench.dataset import Split as Split
     from robench.defense import Defense as Defense
@@ -185,6 +196,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported e
     from robench.losses import get_loss as get_loss
     from robench.plan.config import Benchmark as Benchmark
     from robench.plugin import PluginSpec as PluginSpec
+    from robench.protocol import CLEAN_SOURCE as CLEAN_SOURCE
     from robench.protocol import AttackUse as AttackUse
     from robench.protocol import Protocol as Protocol
     from robench.protocol import ProtocolDef as ProtocolDef

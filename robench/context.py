@@ -13,8 +13,11 @@ if TYPE_CHECKING:  # torch is imported where it is used: planning and --help mus
     import torch
     from torch import nn
 
-Norm = Literal["linf", "l2"]
+Norm = Literal["linf", "l2", "corruption"]
 NORMS: tuple[Norm, ...] = ("linf", "l2")
+"""The norms of perturbation threats, the ones ``--norm`` takes. ``corruption`` (common
+corruptions, DESIGN.md §2) has no radius: a protocol that fixes it (``Protocol.norm``) gets
+cells with ``eps = 0``."""
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,8 @@ class Threat:
     eps: float
 
     def __post_init__(self) -> None:
+        if self.norm == "corruption" and self.eps == 0:
+            return
         if self.norm not in NORMS:
             raise ConfigError(f"unknown norm {self.norm!r}; use one of {', '.join(NORMS)}")
         if not 0 <= self.eps <= (1.0 if self.norm == "linf" else 1e3):

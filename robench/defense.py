@@ -29,6 +29,12 @@ class Variant:
         since int8 kernels of different engines need not compute the same
     :param weights_sha256: for a model loaded from a file (a checkpoint, a model zoo's
         weights), the file's sha256, recorded in the row; empty for trained models
+    :param model_bytes: the model's storage in bytes in the encoding ``encoding`` names, for
+        the model-size column (a sparse or bit-packed format); 0 means dense: params x bits / 8
+    :param encoding: the storage encoding ``model_bytes`` counts (``dense`` when 0), e.g. the
+        CARD defense's ``bitmap-fp32``
+    :param config: the variant's architecture configuration when the defense chooses it (a
+        ProARD student's subnet choices), as JSON, recorded in the row; empty otherwise
     """
 
     name: str
@@ -38,6 +44,9 @@ class Variant:
     bits: int = 32
     quantized_engine: str = ""
     weights_sha256: str = ""
+    model_bytes: int = 0
+    encoding: str = "dense"
+    config: str = ""
 
     @property
     def attack_model(self) -> nn.Module:

@@ -18,7 +18,12 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
+from robench.context import Norm
 from robench.plugin import Plugin, PluginSpec
+
+CLEAN_SOURCE = "clean"
+"""The source of the uses of a ``corruption`` protocol: each use is a fixed transform of the
+clean test images (no model), cached like a transfer set (robench/execute/corruption.py)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,9 @@ class Protocol:
         it (and the row is flagged)
     :param votes: for randomized variants a sample counts as fooled only when a majority
         of ``votes`` resampled predictions are wrong
+    :param norm: the threat the protocol fixes whatever the benchmark's ``norm``; only
+        ``corruption`` (cells at eps 0, every use from :data:`CLEAN_SOURCE`), ``None`` for
+        perturbation protocols
     """
 
     name: str
@@ -67,6 +75,7 @@ class Protocol:
     revision: int = 1
     eot: int = 10
     votes: int = 5
+    norm: Norm | None = None
 
     def surrogate(self, name: str) -> Surrogate:
         """The surrogate called ``name``."""
@@ -77,11 +86,18 @@ class Protocol:
 
     def canonical(self) -> str:
         """Canonical JSON: part of cell keys and result rows."""
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"), default=str)
+        data = asdict(self)
+        if self.norm is None:  # keeps the keys (and stored results) of perturbation protocols
+            del data["norm"]
+        return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
 
     def is_transfer(self) -> bool:
-        """Whether any use attacks a surrogate."""
-        return any(use.source for use in self.uses)
+        """Whether any use attacks a surrogate (a corruption protocol attacks nothing)."""
+        return self.norm != "corruption" and any(use.source for use in self.uses)
+
+    def is_corruption(self) -> bool:
+        """Whether this is a common-corruption protocol (no attack; scored on corrupted copies)."""
+        return self.norm == "corruption"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -30,7 +30,7 @@ from robench.execute.runner import run
 from robench.plan.config import Benchmark
 from robench.plugin import PluginSpec
 from robench.results.check import KEY_COLUMNS, RunFolderError, check, load_run, mcnemar_p, two_proportion_p
-from robench.results.storage import CellResult, RunStore
+from robench.results.storage import SCHEMA_VERSION, CellResult, RunStore
 from robench.testing import TinyPlugin
 from robench.training import Schedule, train
 
@@ -204,11 +204,11 @@ def test_unusable_input_exits_2_with_the_reason(runs: dict[str, Path], tmp_path:
     old.rewrite_cells(table)
     (old.path / "manifest.json").unlink()
     code, out = shell(["check", str(runs["base"]), "--baseline", str(old.path)])
-    assert code == 2 and "results schema version 0, this robench reads version 1" in out
+    assert code == 2 and f"results schema version 0, this robench reads version {SCHEMA_VERSION}" in out
     manifest = copy_run(runs["base"], tmp_path / "manifest")
     data = json.loads((manifest.path / "manifest.json").read_text())
-    (manifest.path / "manifest.json").write_text(json.dumps({**data, "schema_version": 2}))
-    with pytest.raises(RunFolderError, match="schema version 2"):
+    (manifest.path / "manifest.json").write_text(json.dumps({**data, "schema_version": SCHEMA_VERSION + 1}))
+    with pytest.raises(RunFolderError, match=f"schema version {SCHEMA_VERSION + 1}"):
         load_run(manifest.path)
     code, out = shell(["check", str(runs["base"]), "--baseline", str(runs["base"]), "--json", "--markdown"])
     assert code == 2 and "alternatives" in out

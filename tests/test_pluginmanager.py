@@ -124,7 +124,7 @@ def test_builtins_load_from_the_robench_group(pm: pluggy.PluginManager) -> None:
 
 
 def test_builtin_can_be_disabled_by_name() -> None:
-    attack_plugins = ["pgd", "transfer", "zoo"]
+    attack_plugins = ["pgd", "transfer", "zoo", "corruptions"]  # every plugin that registers attacks
     pm = get_plugin_manager(disabled=attack_plugins)
     assert pm.get_plugin("pgd") is None
     assert "pgd" not in loaded(pm)
@@ -153,7 +153,7 @@ def test_trace_hooks_prints_hook_calls_to_stderr(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv(TRACE_ENV, "1")
-    pm = get_plugin_manager(disabled=["transfer", "zoo"])
+    pm = get_plugin_manager(disabled=["transfer", "zoo", "corruptions"])
     pm.hook.robench_attacks()
     pm.hook.robench_cell_start(cell=None)
     captured = capsys.readouterr()

@@ -82,7 +82,7 @@ def test_duplicate_within_one_plugin_is_a_conflict_too() -> None:
 
 
 def test_unknown_name_suggests_the_close_one() -> None:
-    attacks = Registries.collect(get_plugin_manager(disabled=["transfer", "zoo"])).attacks
+    attacks = Registries.collect(get_plugin_manager(disabled=["transfer", "zoo", "corruptions"])).attacks
     with pytest.raises(UnknownPluginError) as info:
         attacks.get("pdg")
     assert str(info.value) == (

@@ -88,9 +88,10 @@ def test_report_writes_markdown_and_plots(
     assert printed[0] == str(report)
     eps_plot = run_dir / "report" / "robust-vs-eps-pgd-restarts-1-steps-3.png"
     size_plot = run_dir / "report" / "accuracy-vs-size-pgd-restarts-1-steps-3.png"
-    assert printed[1:] == [str(eps_plot), str(size_plot)]
-    assert_png(eps_plot)
-    assert_png(size_plot)
+    macs_plot = run_dir / "report" / "accuracy-vs-macs-pgd-restarts-1-steps-3.png"  # its variants differ in MACs too
+    assert printed[1:] == [str(eps_plot), str(size_plot), str(macs_plot)]
+    for plot in (eps_plot, size_plot, macs_plot):
+        assert_png(plot)
     text = report.read_text()
     assert "## pgd[restarts=1,steps=3]: tiny, tinynet, linf" in text
     header = next(line for line in text.splitlines() if line.startswith("| defense"))
@@ -104,6 +105,7 @@ def test_report_writes_markdown_and_plots(
     )
     assert interval in rows[0]
     assert f"![robust accuracy against eps]({eps_plot.name})" in text
+    assert f"![robust accuracy against MACs]({macs_plot.name})" in text
     assert "## Sanity flags" in text
 
 

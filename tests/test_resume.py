@@ -221,6 +221,28 @@ def test_advft_resumes_its_fine_tuning(tmp_path: Path, monkeypatch: pytest.Monke
     assert again.steps == 8 - 5 and again.started[f"{name} tune"] == 5  # the start model loaded, not trained
 
 
+@pytest.mark.parametrize("crash_at", [1, 2])  # 128 tiny images, batch 64: 2 batches per phase epoch
+def test_eio_resumes_in_the_phase_it_was_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_at: int) -> None:
+    """Pre-training, then diversification (a stateful loss with its own target shuffle), then
+    derivation and fine-tuning: killed in diversification, EIO resumes there."""
+    from robench.plugins.eio import EnsembleInOne
+
+    monkeypatch.setenv("ROBENCH_CHECKPOINT_SECONDS", "0")
+    defense = EnsembleInOne.create(
+        {"warmup_epochs": 1, "epochs": 2, "finetune_epochs": 0, "distill_steps": 2, "batch_size": 64}
+    )
+    (tmp_path / "ref").mkdir()
+    expected = defense.fit(context(tmp_path / "ref"))
+    with pytest.raises(Crash):
+        defense.fit(context(tmp_path, Recorder(crash_at=crash_at + 1, crash_in="eio diversify")))
+    again = Recorder()
+    models = defense.fit(context(tmp_path, again))
+    for name, model in expected.items():
+        assert_same_weights(models[name], model)
+    assert again.per_desc.get("eio pre-train", 0) == 0  # loaded from its final checkpoint, not trained
+    assert again.started["eio diversify"] == crash_at and again.per_desc["eio diversify"] == 4 - crash_at
+
+
 def test_a_checkpoint_written_for_other_parameters_is_never_used(tmp_path: Path) -> None:
     expected, _ = reference(tmp_path / "ref")
     other = dataclasses.replace(SCHEDULE, lr=0.2)

@@ -113,6 +113,9 @@ class EnsembleInOne(robench.Defense):
     """
 
     name: ClassVar[str] = "eio"
+    # 2: both training phases run in robench.train (resumable); its data order and the target
+    # batches' own shuffle draw other random numbers than revision 1's loop did
+    revision: ClassVar[int] = 2
     presets: ClassVar[dict[str, dict[str, object]]] = {
         "paper": _FASHION,
         "paper:cifar10": _CIFAR,

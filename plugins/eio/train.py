@@ -7,6 +7,12 @@ distil one non-robust example per path from two independent batches (Eq. 2), tra
 path on the other paths' examples (Eq. 4), accumulate the gradients and take **one**
 optimizer step on the shared super-net.
 
+Both phases run in :func:`robench.train` (the shared loop: data order, augmentation, SGD,
+checkpoints) with EIO's batch loss as its ``loss``: a build killed in either phase resumes
+in that phase, from its last checkpoint, to the weights of an uninterrupted build. Each
+loss is :class:`robench.Stateful`: its gate, layer and distillation draws and the target
+batches' order come from its own generator, saved in the phase's checkpoints.
+
 Every random choice (data order, augmentation, gates, layers, distillation starts) comes from
 generators seeded by the build context, so the same seed trains the same network. Each phase
 gets a fresh optimizer and learning-rate schedule: EIO's released code carries the decayed lr
@@ -16,18 +22,16 @@ from pre-training into the second phase (METHODS.md §2.2 pitfall), which is not
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robench import Context, Schedule, crop_flip, iterate, sgd, subset_indices, train
+from robench import Context, ImageData, Schedule, crop_flip, subset_indices, train
 from robench.plugins.eio.model import GatePath, RandomGatedNetwork, derive
-
-# (optimizer, source images, source labels, target images or None) -> the batch's loss
-StepFn = Callable[[torch.optim.Optimizer, Tensor, Tensor, Tensor | None], float]
 
 # Independent random streams of one build (see Context.generator).
 _SALT_WARMUP, _SALT_DIVERSIFY, _SALT_DERIVE = 101, 102, 103
@@ -106,6 +110,33 @@ def distill(
     return z.detach()
 
 
+def diversification_loss(
+    rgn: RandomGatedNetwork, batch: tuple[Tensor, Tensor, Tensor], cfg: Distillation, gen: torch.Generator
+) -> tuple[Tensor, StepResult]:
+    """Algorithm 1, lines 11-23, on ``batch = (x_s, y_s, x_t)``: the batch's loss, whose
+    gradient is the paths' accumulated gradients, and what the step drew.
+
+    ``loss_i = sum_{j != i} CE(f_{P_i}(x'_j), y_s) / p_cur`` and the loss is ``sum_i loss_i``
+    (one backward of the sum gives the accumulated gradients). Candidates on no sampled path
+    get no gradient, so SGD (which skips parameters without one) leaves them as they were.
+    """
+    x_s, y_s, x_t = batch
+    layer = int(torch.randint(1, rgn.num_layers + 1, (1,), generator=gen))
+    prefix = min(layer, len(rgn.blocks))  # the logits layer depends on every gate
+    count = min(cfg.paths_per_batch, rgn.n_paths**prefix)
+    paths = sample_distinct_paths(rgn, count, prefix, gen)
+    with _full_precision(x_s.device):  # the sign steps must follow the true gradient
+        distilled = [distill(rgn, path, layer, x_s, x_t, cfg, gen) for path in paths]
+    rgn.train()
+    losses = []
+    for i, path in enumerate(paths):
+        with rgn.using(path):
+            others = [F.cross_entropy(rgn(x), y_s) for j, x in enumerate(distilled) if j != i]
+            losses.append(torch.stack(others).sum() / count)
+    loss = torch.stack(losses).sum()
+    return loss, StepResult(float(loss.detach()) / count, layer, paths)
+
+
 def diversification_step(
     rgn: RandomGatedNetwork,
     opt: torch.optim.Optimizer,
@@ -113,93 +144,94 @@ def diversification_step(
     cfg: Distillation,
     gen: torch.Generator,
 ) -> StepResult:
-    """One batch of Algorithm 1, lines 11-24, on ``batch = (x_s, y_s, x_t)``.
-
-    ``loss_i = sum_{j != i} CE(f_{P_i}(x'_j), y_s) / p_cur``; the paths' gradients accumulate
-    and one optimizer step follows. Candidates on no sampled path get no gradient, so SGD
-    (which skips parameters without one) leaves them exactly as they were.
-    """
-    x_s, y_s, x_t = batch
-    layer = int(torch.randint(1, rgn.num_layers + 1, (1,), generator=gen))
-    prefix = min(layer, len(rgn.blocks))  # the logits layer depends on every gate
-    count = min(cfg.paths_per_batch, rgn.n_paths**prefix)
-    paths = sample_distinct_paths(rgn, count, prefix, gen)
-    distilled = [distill(rgn, path, layer, x_s, x_t, cfg, gen) for path in paths]
+    """One batch of Algorithm 1, lines 11-24: :func:`diversification_loss`, then **one**
+    optimizer step on the shared super-net."""
     opt.zero_grad(set_to_none=True)
-    rgn.train()
-    total = 0.0
-    for i, path in enumerate(paths):
-        with rgn.using(path), _autocast(x_s.device):
-            losses = [F.cross_entropy(rgn(x), y_s) for j, x in enumerate(distilled) if j != i]
-            loss = torch.stack(losses).sum() / count
-        loss.backward()
-        total += loss.item()
-    opt.step()
-    return StepResult(total / count, layer, paths)
-
-
-def warmup_step(
-    rgn: RandomGatedNetwork, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, gen: torch.Generator
-) -> float:
-    """Algorithm 1, lines 4-5: train one uniformly random path on clean cross-entropy."""
-    with rgn.using(rgn.sample_path(gen)), _autocast(x.device):
-        loss = F.cross_entropy(rgn(x), y)
-    opt.zero_grad(set_to_none=True)
+    loss, result = diversification_loss(rgn, batch, cfg, gen)
     loss.backward()  # type: ignore[no-untyped-call]
     opt.step()
-    return loss.item()
+    return result
+
+
+class WarmupLoss:
+    """Algorithm 1, lines 4-5, as :func:`robench.train`'s loss: clean cross-entropy of one
+    uniformly random path per batch."""
+
+    def __init__(self, rgn: RandomGatedNetwork, gen: torch.Generator) -> None:
+        self.rgn, self.gen = rgn, gen
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        with self.rgn.using(self.rgn.sample_path(self.gen)):
+            return F.cross_entropy(model(x), y)
+
+    def identity(self) -> dict[str, object]:
+        """The phase's loss (its parameters are the network's)."""
+        return {"kind": "eio-warmup"}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The path generator."""
+        return {"gen": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the path generator."""
+        self.gen.set_state(state["gen"])
+
+
+class DiversifyLoss:
+    """Vulnerability diversification as :func:`robench.train`'s loss: each source batch is
+    paired with a target batch from an independent shuffle of the same training images
+    (DVERGE's and EIO's second loader), augmented like the sources."""
+
+    def __init__(
+        self, rgn: RandomGatedNetwork, ctx: Context, schedule: Schedule, cfg: Distillation, gen: torch.Generator
+    ) -> None:
+        self.rgn, self.cfg, self.gen, self.train = rgn, cfg, gen, ctx.train
+        self.indices = subset_indices(len(ctx.train), schedule.train_subset, ctx.seed)
+        self.batch_size, self.augment = schedule.batch_size, schedule.augment
+        self.order = torch.empty(0, dtype=torch.long)
+        self.position = 0
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        x_t = self._target_batch().to(x.device, non_blocking=True)
+        if x.device.type == "cuda":
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
+        loss, _ = diversification_loss(self.rgn, (x, y, x_t), self.cfg, self.gen)
+        return loss
+
+    def _target_batch(self) -> Tensor:
+        """The next target batch; a new shuffle when the last one is used up (once an epoch)."""
+        if self.position >= len(self.order):
+            self.order, self.position = self.indices[torch.randperm(len(self.indices), generator=self.gen)], 0
+        chunk = self.order[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        x_t = _images(self.train, chunk)
+        return crop_flip(x_t, self.gen) if self.augment == "crop-flip" else x_t
+
+    def identity(self) -> dict[str, object]:
+        """The distillation settings."""
+        return {"kind": "eio-diversify", **dataclasses.asdict(self.cfg)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The generator and the target shuffle's order and position."""
+        return {"gen": self.gen.get_state(), "order": self.order, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` gave."""
+        self.gen.set_state(state["gen"])
+        self.order, self.position = state["order"], int(state["position"])
 
 
 def train_rgn(
     rgn: RandomGatedNetwork, ctx: Context, warmup: Schedule, diversify: Schedule, cfg: Distillation
 ) -> RandomGatedNetwork:
-    """Pre-train, then diversify ``rgn`` (Algorithm 1); each phase with its own fresh schedule."""
-    rgn.to(ctx.device)
-    if ctx.device.type == "cuda":
-        rgn.to(memory_format=torch.channels_last)
-    gen_w = ctx.generator(_SALT_WARMUP)
-    run_phase(rgn, ctx, warmup, lambda opt, x, y, _: warmup_step(rgn, opt, x, y, gen_w), "eio pre-train", _SALT_WARMUP)
-    gen_d = ctx.generator(_SALT_DIVERSIFY)
-
-    def diversify_batch(opt: torch.optim.Optimizer, x: Tensor, y: Tensor, x_t: Tensor | None) -> float:
-        assert x_t is not None
-        return diversification_step(rgn, opt, (x, y, x_t), cfg, gen_d).loss
-
-    run_phase(rgn, ctx, diversify, diversify_batch, "eio diversify", _SALT_DIVERSIFY, pairs=True)
+    """Pre-train, then diversify ``rgn`` (Algorithm 1): two resumable phases of
+    :func:`robench.train`, each with its own fresh optimizer and schedule."""
+    if warmup.epochs:
+        train(rgn, ctx, warmup, loss=WarmupLoss(rgn, ctx.generator(_SALT_WARMUP)), desc="eio pre-train")
+    if diversify.epochs:
+        loss = DiversifyLoss(rgn, ctx, diversify, cfg, ctx.generator(_SALT_DIVERSIFY))
+        train(rgn, ctx, diversify, loss=loss, desc="eio diversify")
     return rgn.eval()
-
-
-def run_phase(
-    rgn: RandomGatedNetwork,
-    ctx: Context,
-    schedule: Schedule,
-    step: StepFn,
-    desc: str,
-    salt: int,
-    *,
-    pairs: bool = False,
-) -> None:
-    """Run ``schedule.epochs`` epochs of ``step`` with a fresh SGD optimizer and lr schedule.
-
-    :param pairs: also draw an independent target batch ``x_t`` per step (a second shuffle of
-        the same images, like DVERGE's and EIO's two loaders)
-    """
-    if schedule.epochs == 0:
-        return
-    gen = ctx.generator(salt + 1000)  # data order and augmentation, apart from the step's draws
-    opt, sched = sgd(rgn, schedule)
-    indices = subset_indices(len(ctx.train), schedule.train_subset, ctx.seed)
-    bar = ctx.progress.bar(schedule.epochs * -(-len(indices) // schedule.batch_size), desc)
-    for _epoch in range(schedule.epochs):
-        rgn.train()
-        sources = iterate(ctx.train, indices, schedule.batch_size, gen)
-        targets = iterate(ctx.train, indices, schedule.batch_size, gen) if pairs else None
-        for x, y in sources:
-            x_t = _prepare(next(targets)[0], schedule, ctx, gen) if targets is not None else None
-            loss = step(opt, _prepare(x, schedule, ctx, gen), y.to(ctx.device), x_t)
-            bar.update(1, loss=loss)
-        sched.step()
-    bar.close()
 
 
 def derive_paths(rgn: RandomGatedNetwork, ctx: Context, count: int, finetune: Schedule) -> list[nn.Module]:
@@ -219,17 +251,13 @@ def derive_paths(rgn: RandomGatedNetwork, ctx: Context, count: int, finetune: Sc
     return models
 
 
-def _prepare(x: Tensor, schedule: Schedule, ctx: Context, gen: torch.Generator) -> Tensor:
-    """Augment (on the CPU, from the phase's generator) and move to the training device."""
-    if schedule.augment == "crop-flip":
-        x = crop_flip(x, gen)
-    x = x.to(ctx.device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if ctx.device.type == "cuda" else x
+def _images(data: ImageData, indices: Tensor) -> Tensor:
+    """Float images in [0, 1] of ``indices``."""
+    return data.batch(indices)[0]
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager[object]:
-    """bf16 autocast for training losses on CUDA (as robench.training does); distillation
-    runs in full precision so its sign steps follow the true gradient."""
+def _full_precision(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """No autocast for the distillation (robench.train runs the loss under bf16 autocast on CUDA)."""
     if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return torch.autocast(device_type="cuda", enabled=False)
     return contextlib.nullcontext()

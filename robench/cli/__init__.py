@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 import robench
-from robench.cli.flags import benchmark_options, resolve_benchmark
+from robench.cli.flags import benchmark_options, execution_options, resolve_benchmark, with_execution
 from robench.discover.manager import default_plugin_manager, plugin_distributions, plugin_infos
 from robench.errors import ConfigError, DamagedFileWarning, RobenchError
 
@@ -127,6 +127,7 @@ _SELECT = click.option("-k", "select", default=None, help="Only cells whose id c
     help="Run every version on every sample (no early exit); same accuracies, full per-version outcomes.",
 )
 @_SELECT
+@execution_options
 def run(
     device: str,
     out: Path | None,
@@ -134,6 +135,10 @@ def run(
     models: Path | None,
     exhaustive: bool,
     select: str | None,
+    executor: str | None,
+    address: str | None,
+    gpus_per_task: float | None,
+    cpus_per_task: int | None,
     **opts: Any,
 ) -> None:
     """Build defenses, attack them, print the table and store it (finished cells are skipped).
@@ -142,6 +147,7 @@ def run(
     flags do. Example: robench run --defense advt --attack pgd --eps 0.05 --eps 0.1
     """
     benchmark = resolve_benchmark(opts, exhaustive)  # flag errors first: no torch needed for them
+    benchmark = with_execution(benchmark, executor, address, gpus_per_task, cpus_per_task)
     from robench.plan.grid import plan
 
     plan(benchmark, _registries())  # then plugin names and parameters, before pandas and pyarrow load

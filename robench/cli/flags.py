@@ -5,6 +5,7 @@ Kept apart from ``cli.py`` so the commands stay short; ``run`` and ``plan`` shar
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ from click.core import ParameterSource
 from robench.errors import ConfigError
 from robench.plan.benchfile import benchmark_for_command
 from robench.plan.config import Benchmark
+from robench.plan.execution import with_overrides
 from robench.plugin import PluginSpec
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -196,3 +198,49 @@ def _check_scopes(params: dict[str, Any], plugins: Sequence[str], flag: str) -> 
             raise ConfigError(
                 f"{flag} {key}=...: {scope!r} is not one of the plugins in this run ({', '.join(plugins)})"
             )
+
+
+_EXECUTION_OPTIONS = (
+    click.option(
+        "--executor",
+        type=click.Choice(["local", "ray"]),
+        default=None,
+        help="local (default): one model group after another in this process. ray: one Ray task per model "
+        "group (pip install 'robench[ray]'); same table. In a benchmark file: [execution] executor.",
+    ),
+    click.option(
+        "--address",
+        default=None,
+        help="With --executor ray: the Ray cluster to join (e.g. auto, or ray://host:10001); default: start one here.",
+    ),
+    click.option(
+        "--gpus-per-task",
+        type=click.FloatRange(min=0),
+        default=None,
+        help="With --executor ray: GPUs per task (fractions share one); tasks then run on CUDA.",
+    ),
+    click.option(
+        "--cpus-per-task",
+        type=click.IntRange(min=1),
+        default=None,
+        help="With --executor ray: CPU cores per task, and its torch threads (default: this process's thread "
+        "count, which keeps the numbers exactly the local executor's).",
+    ),
+)
+
+
+def execution_options(command: F) -> F:
+    """Add ``robench run``'s executor flags (:mod:`robench.plan.execution`)."""
+    for option in reversed(_EXECUTION_OPTIONS):
+        command = option(command)
+    return command
+
+
+def with_execution(
+    benchmark: Benchmark, executor: str | None, address: str | None, gpus: float | None, cpus: int | None
+) -> Benchmark:
+    """``benchmark`` with its ``[execution]`` settings overridden by the flags given."""
+    execution = with_overrides(
+        benchmark.execution, executor=executor, address=address, gpus_per_task=gpus, cpus_per_task=cpus
+    )
+    return dataclasses.replace(benchmark, execution=execution)

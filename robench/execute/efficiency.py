@@ -24,7 +24,12 @@ class Efficiency:
 
 
 def measure(
-    model: nn.Module, example: torch.Tensor, bits: int = 32, repeats: int = 10, counted: nn.Module | None = None
+    model: nn.Module,
+    example: torch.Tensor,
+    bits: int = 32,
+    repeats: int = 10,
+    counted: nn.Module | None = None,
+    model_bytes: int = 0,
 ) -> Efficiency:
     """Count parameters and MACs, and time single-image inference on ``example``'s device.
 
@@ -32,7 +37,8 @@ def measure(
     ``counted`` is the model whose parameters and MACs are counted when ``model`` hides them
     (an int8 model keeps its weights packed, and its quantized kernels are invisible to the
     FLOP counter): its float or fake-quantised twin, with the same layers. Latency is always
-    that of ``model``; ``bytes`` is parameters x ``bits`` / 8.
+    that of ``model``; ``bytes`` is parameters x ``bits`` / 8, unless the variant states its
+    size in a sparse or bit-packed encoding (``model_bytes`` > 0, :class:`robench.Variant`).
     """
     counted = model if counted is None else counted
     tensors = [p for p in counted.parameters()]
@@ -57,4 +63,5 @@ def measure(
             if one.is_cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-    return Efficiency(params, nonzero, bits, params * bits // 8, int(macs), 1000 * statistics.median(times))
+    size = model_bytes or params * bits // 8
+    return Efficiency(params, nonzero, bits, size, int(macs), 1000 * statistics.median(times))

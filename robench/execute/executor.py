@@ -1,27 +1,31 @@
-"""Executors run model groups and hand back cell results, in any order.
+"""Executors run model groups and hand back, in any order, what happens to their cells.
 
 A group (one model key and its cells) is the unit of work: its model is built once and
-every cell of it evaluated. Groups are independent and results picklable, so a distributed
-executor (Ray, later) can run them anywhere; the driver alone stores results and calls hooks.
+every cell of it evaluated. Groups are independent and their events picklable, so the Ray
+executor (:mod:`robench.execute.rayexec`) runs them anywhere. Workers never call plugin
+hooks: they report events (:mod:`robench.execute.events`) and
+the driver alone calls ``robench_cell_start`` / ``robench_cell_finish`` and stores results.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from typing import Protocol, TypeVar
+from collections.abc import Iterator, Sequence
+from typing import Protocol
 
-from robench.results.storage import CellResult
+from robench.errors import ConfigError
+from robench.execute.events import CellStarted, Event, Group, Worker
+from robench.plan.execution import Execution
 
-G = TypeVar("G")
+__all__ = ["CellStarted", "Event", "Executor", "Group", "LocalExecutor", "make_executor"]
 
 
 class Executor(Protocol):
-    """Runs ``work`` on every group and yields each cell result as soon as it exists."""
+    """Runs every group of a session and yields each event as soon as it happens."""
 
     name: str
 
-    def map(self, work: Callable[[G], Iterator[CellResult]], groups: Sequence[G]) -> Iterator[CellResult]:
-        """Yield the results of ``work(group)`` for every group."""
+    def map(self, session: Worker, groups: Sequence[Group]) -> Iterator[Event]:
+        """Yield the events of ``session.work(group)`` for every group."""
         ...
 
 
@@ -30,7 +34,20 @@ class LocalExecutor:
 
     name = "local"
 
-    def map(self, work: Callable[[G], Iterator[CellResult]], groups: Sequence[G]) -> Iterator[CellResult]:
+    def map(self, session: Worker, groups: Sequence[Group]) -> Iterator[Event]:
         """Run the groups in order in this process."""
         for group in groups:
-            yield from work(group)
+            yield from session.work(group)
+
+
+def make_executor(execution: Execution) -> Executor:
+    """The executor ``execution`` names; the Ray one fails before any compute without Ray."""
+    if execution.executor == "local":
+        return LocalExecutor()
+    try:
+        import ray  # noqa: F401  (the optional extra: checked here, before any compute)
+    except ImportError:
+        raise ConfigError("--executor ray needs Ray, which is not installed: pip install 'robench[ray]'") from None
+    from robench.execute.rayexec import RayExecutor
+
+    return RayExecutor(execution)

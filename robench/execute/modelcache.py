@@ -22,10 +22,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from robench.architecture import Architecture, make_model
 from robench.cell import ModelKey
-from robench.context import Context, ImageData
+from robench.context import Context, DataShape, ImageData
 from robench.defense import Defense
 from robench.errors import CacheError
+from robench.execute.locks import CacheLocks
 
 FORMAT_VERSION = 1
 
@@ -36,6 +38,21 @@ def data_fingerprint(data: ImageData) -> str:
     h.update(data.labels.numpy().tobytes())
     h.update(data.images[::97].contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+class ModelFactory:
+    """Builds fresh models whose initialisation depends only on the seed and the call count,
+    never on whatever else used the global generator before (``Context.new_model``)."""
+
+    def __init__(self, arch: Architecture, shape: DataShape, seed: int) -> None:
+        self.arch, self.shape, self.seed, self.calls = arch, shape, seed, 0
+
+    def __call__(self) -> nn.Module:
+        """The next fresh model."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1_000_003 + self.calls)
+            self.calls += 1
+            return make_model(self.arch, self.shape)
 
 
 class ModelCache:
@@ -50,6 +67,7 @@ class ModelCache:
     def __init__(self, root: Path, frozen: Path | None = None) -> None:
         self.root = Path(root)
         self.frozen = None if frozen is None else Path(frozen)
+        self.locks = CacheLocks(self.root)
 
     def folder(self, key: ModelKey, fingerprint: str) -> Path:
         """Where the models of ``key`` trained on data ``fingerprint`` live."""
@@ -75,17 +93,35 @@ class ModelCache:
         so a failed load (which made skeletons) leaves no trace in the build.
         """
         folder = self.folder(key, fingerprint)
-        if (folder / "meta.json").exists():
-            ctx = context()
-            models = self._load(folder, defense, ctx)
-            if models is not None:
-                return models, 0.0, folder.name
-            if self.frozen is not None:
-                raise CacheError(f"stored model {folder} does not load (damaged, or saved by other code)")
-            ctx.progress.log(f"model cache {folder} is corrupt; rebuilding it")
-            shutil.rmtree(folder, ignore_errors=True)
+        cached = self._cached(folder, defense, context)
+        if cached is not None:
+            return cached, 0.0, folder.name
         self.require(key, fingerprint)
+        log = context().progress.log
+        what = f"model {key.dataset}/{key.arch}/{key.defense_label}/seed={key.seed}"
+        with self.locks.hold(folder.name, what, log):  # another task may be building it: wait, then load
+            cached = self._cached(folder, defense, context)
+            if cached is not None:
+                return cached, 0.0, folder.name
+            return self._build(folder, key, defense, context(), fingerprint)
+
+    def _cached(self, folder: Path, defense: Defense, context: Callable[[], Context]) -> dict[str, nn.Module] | None:
+        """The stored models of ``folder``, or None (a corrupt folder is removed)."""
+        if not (folder / "meta.json").exists():
+            return None
         ctx = context()
+        models = self._load(folder, defense, ctx)
+        if models is not None:
+            return models
+        if self.frozen is not None:
+            raise CacheError(f"stored model {folder} does not load (damaged, or saved by other code)")
+        ctx.progress.log(f"model cache {folder} is corrupt; rebuilding it")
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+
+    def _build(
+        self, folder: Path, key: ModelKey, defense: Defense, ctx: Context, fingerprint: str
+    ) -> tuple[dict[str, nn.Module], float, str]:
         start = time.perf_counter()
         work = ctx.cache_dir
         work.mkdir(parents=True, exist_ok=True)

@@ -22,10 +22,11 @@ from robench.context import Progress
 from robench.discover.manager import plugin_infos
 from robench.discover.registry import Registries
 from robench.errors import ConfigError
-from robench.execute.executor import Executor, LocalExecutor
+from robench.execute.events import Group
+from robench.execute.executor import CellStarted, Executor, make_executor
 from robench.execute.modelcache import ModelCache, data_fingerprint
 from robench.execute.numerics import cpu_provenance
-from robench.execute.session import Group, Session
+from robench.execute.session import Session
 from robench.execute.versions import TransferCache
 from robench.plan.config import Benchmark
 from robench.plan.grid import plan, select_cells
@@ -70,6 +71,7 @@ def run(
     _require_folder(cache_dir, "--cache-dir", "the model cache's folder", "--cache-dir (or $ROBENCH_CACHE)")
     registries = Registries.collect(pm)
     cells = select_cells(plan(benchmark, registries), select)
+    executor = executor or make_executor(benchmark.execution)  # a missing Ray fails here, before compute
     pm.hook.robench_configure(benchmark=benchmark)
     pm.hook.robench_modify_plan(benchmark=benchmark, cells=cells)
     # fail on missing data before any compute, and say which copy is used
@@ -77,7 +79,6 @@ def run(
     progress = progress or Progress()
     session = Session(
         benchmark,
-        pm,
         registries,
         RunStore(run_dir),
         ModelCache(cache_dir, frozen=models),
@@ -97,12 +98,15 @@ def run(
     _write_manifest(session, cells, data)
     progress.log(f"plan: {len(cells)} cells, {len(cells) - len(pending)} already finished in {run_dir}")
     results = [done[c.key] for c in cells if c.key in done]
-    for result in (executor or LocalExecutor()).map(session.work, _groups(pending)):
-        session.store.write(result)
-        cell = next(c for c in pending if c.key == result.row["cell_key"])
-        pm.hook.robench_cell_finish(cell=cell, result=result)
-        results.append(result)
-        progress.log(_line(result))
+    by_key = {c.key: c for c in pending}
+    for event in executor.map(session, _groups(pending)):  # hooks here, in the driver, never in a worker
+        if isinstance(event, CellStarted):
+            pm.hook.robench_cell_start(cell=by_key[event.cell_key])
+            continue
+        session.store.write(event)
+        pm.hook.robench_cell_finish(cell=by_key[event.row["cell_key"]], result=event)
+        results.append(event)
+        progress.log(_line(event))
     _write_manifest(session, cells, data, results)
     update_flags(session.store)
     pm.hook.robench_session_finish(benchmark=benchmark, results=results)

@@ -1,35 +1,36 @@
 """One benchmark's working state: loaded data, model building (cached), and cell evaluation.
 
-The runner drives a :class:`Session`; executors call :meth:`Session.work` on model groups.
-Failures are isolated per cell: a plugin that raises yields an ``error`` row.
+The runner drives a :class:`Session`; executors call :meth:`Session.work` on model groups,
+in this process or (rebuilt from its :class:`Recipe`) in a Ray worker. A session calls no
+plugin hook: it reports events, and the driver calls the hooks. Failures are isolated per
+cell: a plugin that raises yields an ``error`` row.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime as dt
 import functools
-import hashlib
 import json
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import pluggy
 import torch
 from torch import nn
 
 import robench
-from robench.architecture import make_model
 from robench.attack import derive_key
 from robench.cell import Cell, ModelKey
 from robench.context import Context, ImageData, Progress
 from robench.discover.registry import Registries
+from robench.execute.corruption import corruption_columns, without_gradient_checks
 from robench.execute.efficiency import measure
-from robench.execute.engine import Outcome, Setup, deterministic, evaluate, generate
-from robench.execute.modelcache import ModelCache, data_fingerprint
+from robench.execute.engine import Setup, deterministic, evaluate
+from robench.execute.events import CellStarted, Group
+from robench.execute.modelcache import ModelCache, ModelFactory, data_fingerprint
 from robench.execute.modelcheck import (
     CHECK_SAMPLES,
     ModelChecks,
@@ -39,37 +40,16 @@ from robench.execute.modelcheck import (
     check_model,
     with_masking_versions,
 )
-from robench.execute.versions import Ensemble, TransferCache, Version, expand
+from robench.execute.numerics import cpu_provenance
+from robench.execute.rows import now, sample_rows, scores
+from robench.execute.transfersource import TransferSource
+from robench.execute.versions import Ensemble, TransferCache, expand
 from robench.plan.config import Benchmark
 from robench.plan.grid import model_key, resolve_defense
 from robench.plugin import PluginSpec
 from robench.protocol import Protocol, Surrogate
-from robench.results.metrics import accuracy, count, wilson_interval
 from robench.results.storage import CellResult, RunStore
 from robench.training import subset_indices
-
-
-@dataclass
-class Group:
-    """One model key and its cells: the unit an executor runs."""
-
-    key: ModelKey
-    cells: list[Cell]
-
-
-class ModelFactory:
-    """Builds fresh models whose initialisation depends only on the seed and the call count,
-    never on whatever else used the global generator before."""
-
-    def __init__(self, arch: robench.Architecture, shape: robench.DataShape, seed: int) -> None:
-        self.arch, self.shape, self.seed, self.calls = arch, shape, seed, 0
-
-    def __call__(self) -> nn.Module:
-        """The next fresh model."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed * 1_000_003 + self.calls)
-            self.calls += 1
-            return make_model(self.arch, self.shape)
 
 
 @dataclass
@@ -77,7 +57,6 @@ class Session:
     """Everything needed to evaluate groups of one benchmark."""
 
     benchmark: Benchmark
-    pm: pluggy.PluginManager
     registries: Registries
     store: RunStore
     cache: ModelCache
@@ -147,8 +126,15 @@ class Session:
             hashes.append(name)
         return Ensemble(members).to(self.device).eval(), hashes
 
-    def work(self, group: Group) -> Iterator[CellResult]:
-        """Build the group's model once, then evaluate each of its cells."""
+    def recipe(self) -> Recipe:
+        """What a worker needs to rebuild this session (picklable: no plugin manager)."""
+        return Recipe(
+            self.benchmark, self.registries, self.store.path, self.cache.root, self.cache.frozen, self.provenance
+        )
+
+    def work(self, group: Group) -> Iterator[CellStarted | CellResult]:
+        """Build the group's model once, then evaluate each of its cells: a
+        :class:`CellStarted` before each cell's evaluation, then its result."""
         key = group.key
         self.progress.log(f"building {key.dataset}/{key.arch}/{key.defense_label}/seed={key.seed}")
         try:
@@ -156,23 +142,23 @@ class Session:
             defense = self.defense(key)
         except Exception as exc:  # a plugin bug must not lose the rest of the grid
             for cell in group.cells:
-                yield self._error(cell, f"{key.defense}.build", exc)
+                yield self.error(cell, f"{key.defense}.build", exc)
             return
         for cell in group.cells:
-            self.pm.hook.robench_cell_start(cell=cell)
+            yield CellStarted(cell.key)
             try:
                 make_variant = functools.partial(defense.variant, cell.variant, models[cell.variant])
                 yield self._evaluate(cell, make_variant, build_seconds, model_hash)
             except ModelContractError as exc:
-                yield self._error(cell, "model checks", exc)
+                yield self.error(cell, "model checks", exc)
             except Exception as exc:
-                yield self._error(cell, f"protocol {cell.protocol.name}", exc)
+                yield self.error(cell, f"protocol {cell.protocol.name}", exc)
             build_seconds = 0.0  # charged to the first cell of the group only
 
     def _evaluate(
         self, cell: Cell, make_variant: Callable[[], robench.Variant], build_seconds: float, model_hash: str
     ) -> CellResult:
-        started = _now()
+        started = now()
         data = self.data(cell.model.dataset, "test")
         indices = self.eval_indices(cell.model.dataset)
         p = cell.protocol
@@ -180,16 +166,17 @@ class Session:
             key=json.dumps([cell.model.dataset, p.name, cell.norm, cell.eps, cell.model.seed]),
             batch_size=self.benchmark.batch_size,
             device=self.device,
-            exhaustive=self.benchmark.exhaustive,
+            exhaustive=self.benchmark.exhaustive or p.is_corruption(),  # corruption accuracy needs every set
             votes=p.votes,
             eot=p.eot,
         )
         with _seeded_global_rng(cell.key, self.device):  # undeclared random models: reproducible per cell
             declared, checks = self._check(cell, make_variant, data, indices, setup)
+            checks = without_gradient_checks(checks, p)
             variant = as_evaluated(declared, checks)
             protocol = self._masking_protocol(cell) if checks.vanishing else p
             versions = expand(protocol, self.registries, cell.norm)
-            transfer = _TransferSource(self, cell, protocol, setup, data, indices)
+            transfer = TransferSource(self, cell, protocol, setup, data, indices)
             out = evaluate(
                 variant, versions, cell.threat, data, indices, setup=setup, transfer=transfer, progress=self.progress
             )
@@ -198,19 +185,22 @@ class Session:
             data.batch(indices[:1])[0].to(self.device),
             bits=declared.bits,
             counted=declared.attack_model,
+            model_bytes=declared.model_bytes,
         )
         own = len(expand(p, self.registries, cell.norm))
         row = {
             **self._key_columns(cell),
-            **_scores(out, len(indices)),
+            **scores(out, len(indices)),
             **check_columns(checks, declared.randomized, out, versions[own:] if checks.vanishing else []),
+            **corruption_columns(p, versions, out),
             "status": "ok",
             "error": "",
             "n_versions": len(versions),
-            "exhaustive": self.benchmark.exhaustive,
+            "exhaustive": setup.exhaustive,
             "randomized": variant.randomized,
             "quantized_engine": variant.quantized_engine,
             "weights_sha256": declared.weights_sha256,
+            "variant_config": declared.config,
             "eot": p.eot if variant.randomized else 0,
             "votes": p.votes if variant.randomized else 1,
             "params": eff.params,
@@ -226,11 +216,12 @@ class Session:
             "queries": out.queries,
             "versions": json.dumps([v.label for v in versions]),
             "transfer_sets": json.dumps(transfer.used, sort_keys=True),
+            "transfer_generated": transfer.generated,
             "model_hash": model_hash,
             "started_at": started,
-            "finished_at": _now(),
+            "finished_at": now(),
         }
-        return CellResult(row, _sample_rows(cell.key, indices, out))
+        return CellResult(row, sample_rows(cell.key, indices, out))
 
     def _check(
         self,
@@ -284,80 +275,47 @@ class Session:
             **self.provenance,
         }
 
-    def _error(self, cell: Cell, where: str, exc: BaseException) -> CellResult:
+    def error(self, cell: Cell, where: str, exc: BaseException) -> CellResult:
+        """The ``error`` row of ``cell``, whose ``where`` raised ``exc`` (logged with its traceback)."""
         text = "".join(traceback.format_exception(exc))
         self.progress.log(f"ERROR {cell.id}: {where} raised {type(exc).__name__}: {exc}\n{text}")
         row = {
             **self._key_columns(cell),
             "status": "error",
             "error": f"{where}: {type(exc).__name__}: {exc}",
-            "started_at": _now(),
-            "finished_at": _now(),
+            "started_at": now(),
+            "finished_at": now(),
         }
         return CellResult(row)
 
 
-class _TransferSource:
-    """Gives a cell the transfer examples of a version: from the shared cache, or generated
-    once against the surrogate and stored for every other target."""
+@dataclass(frozen=True)
+class Recipe:
+    """A session's picklable parts, to rebuild it in another process (a Ray worker): the
+    registries hold plugin classes, which pickle by reference, so a worker sees exactly the
+    driver's plugins and never scans entry points or calls a hook."""
 
-    def __init__(
-        self, session: Session, cell: Cell, protocol: Protocol, setup: Setup, data: ImageData, indices: torch.Tensor
-    ) -> None:
-        self.session, self.cell, self.protocol = session, cell, protocol
-        self.setup, self.data, self.indices = setup, data, indices
-        self.seconds = 0.0
-        self.used: list[str] = []
-        self._surrogates: dict[str, tuple[nn.Module, list[str]]] = {}
+    benchmark: Benchmark
+    registries: Registries
+    run_dir: Path
+    cache_dir: Path
+    frozen: Path | None
+    provenance: dict[str, Any]
 
-    def __call__(self, version: Version) -> torch.Tensor:
-        start = _now()
-        assert version.use.source is not None
-        surrogate = self.protocol.surrogate(version.use.source)
-        if surrogate.name not in self._surrogates:
-            self._surrogates[surrogate.name] = self.session.surrogate(self.cell, surrogate)
-        model, hashes = self._surrogates[surrogate.name]
-        key = {
-            "dataset": self.cell.model.dataset,
-            "indices": data_hash(self.indices),
-            "surrogate": hashes,
-            "version": version.key(),
-            "norm": self.cell.norm,
-            "eps": self.cell.eps,
-            "seed": self.cell.model.seed,
-        }
-        clean = self.data.batch(self.indices)[0]
-        x_adv = self.session.transfer_cache.get(key, clean, self.cell.threat)
-        if x_adv is None:
-            self.session.progress.log(f"generating transfer set {version.label} at eps={self.cell.eps:g}")
-            setup = Setup(
-                key=json.dumps(key, sort_keys=True),
-                batch_size=self.setup.batch_size,
-                device=self.setup.device,
-                exhaustive=True,
-            )
-            x_adv = generate(model, version, self.cell.threat, self.data, self.indices, setup)
-            self.session.transfer_cache.put(key, x_adv)
-        self.used.append(self.session.transfer_cache.name(key))
-        self.seconds += (_now() - start).total_seconds()
-        return x_adv
-
-
-def data_hash(indices: torch.Tensor) -> str:
-    """Short hash of an evaluation subset."""
-    return hashlib.sha256(indices.numpy().tobytes()).hexdigest()[:16]
-
-
-def _scores(out: Outcome, n: int) -> dict[str, Any]:
-    low, high = wilson_interval(count(out.robust), n)
-    return {
-        "n": n,
-        "clean_acc": accuracy(out.clean),
-        "robust_acc": accuracy(out.robust),
-        "robust_ci_low": low,
-        "robust_ci_high": high,
-        "flag_loss_not_increasing": bool(out.adv_loss < out.clean_loss) if out.adv_loss else False,
-    }
+    def open(self, device: torch.device, progress: Progress) -> Session:
+        """The session, on this process's ``device``; the rows' device and CPU columns are
+        this process's (a worker's machine may differ from the driver's)."""
+        provenance = {**self.provenance, "device": str(device), **cpu_provenance()}
+        return Session(
+            self.benchmark,
+            self.registries,
+            RunStore(self.run_dir),
+            ModelCache(self.cache_dir, frozen=self.frozen),
+            TransferCache(self.cache_dir),
+            device,
+            progress,
+            provenance=provenance,
+        )
 
 
 @contextlib.contextmanager
@@ -368,19 +326,3 @@ def _seeded_global_rng(cell_key: str, device: torch.device) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(derive_key("cell", cell_key) % 2**63)
         yield
-
-
-def _sample_rows(key: str, indices: torch.Tensor, out: Outcome) -> dict[str, list[Any]]:
-    cols: dict[str, list[Any]] = {"cell_key": [], "sample": [], "version": [], "correct": []}
-    runs = [(out.clean, torch.ones_like(out.clean)), *zip(out.versions, out.attacked, strict=True)]
-    for version, (correct, ran) in enumerate(runs):
-        where = ran.nonzero().squeeze(1)
-        cols["sample"] += indices[where].tolist()
-        cols["correct"] += correct[where].tolist()
-        cols["version"] += [version - 1] * len(where)
-    cols["cell_key"] = [key] * len(cols["sample"])
-    return cols
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)

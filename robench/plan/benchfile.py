@@ -20,10 +20,22 @@ from typing import Any
 
 from robench.errors import ConfigError
 from robench.plan.config import Benchmark, exclude_entry
+from robench.plan.execution import execution_from_table
 from robench.plugin import PluginSpec
 from robench.protocol import Protocol, protocol_from_dict
 
-TOP_KEYS = ("name", "preset", "requires", "norm", "grid", "evaluation", "defenses", "attacks", "protocols")
+TOP_KEYS = (
+    "name",
+    "preset",
+    "requires",
+    "norm",
+    "grid",
+    "evaluation",
+    "execution",
+    "defenses",
+    "attacks",
+    "protocols",
+)
 GRID_KEYS = ("dataset", "arch", "defense", "protocol", "attack", "eps", "seed", "exclude")
 EVALUATION_KEYS = ("n_samples", "sample_seed", "batch_size")
 INLINE_PROTOCOL_KEYS = ("uses", "surrogates", "eot", "votes")
@@ -96,6 +108,7 @@ def _benchmark(data: dict[str, Any], stem: str) -> Benchmark:
         _exclude(item) for item in _items(grid.get("exclude", []), "grid.exclude", (dict,), "tables")
     )
     values.update(_plugins(data, grid))
+    values["execution"] = execution_from_table(_table(data, "execution"))
     return Benchmark(**values)
 
 

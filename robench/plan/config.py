@@ -15,6 +15,7 @@ from typing import Any
 
 from robench.context import NORMS, Norm, Threat
 from robench.errors import ConfigError
+from robench.plan.execution import Execution
 from robench.plugin import PluginSpec
 from robench.protocol import Protocol
 
@@ -50,6 +51,9 @@ class Benchmark:
     batch_size: int = 250
     exhaustive: bool = False
     exclude: tuple[Exclude, ...] = ()
+    execution: Execution = field(default_factory=Execution, compare=False)
+    """How it is executed (:mod:`robench.plan.execution`): changes no number, so it is in
+    neither the config hash nor :meth:`to_json`."""
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -72,6 +76,7 @@ class Benchmark:
         """Plain, JSON-ready form (for the manifest)."""
         out = asdict(self)
         out.pop("extra")
+        out.pop("execution")
         if not self.exclude:
             del out["exclude"]  # keeps the hashes (and run folders) of benchmarks written before it
         return out

@@ -19,7 +19,7 @@ from robench.discover.registry import Registries
 from robench.errors import ConfigError
 from robench.plan.config import Benchmark, Exclude
 from robench.plugin import PluginSpec
-from robench.protocol import Protocol, single_attack
+from robench.protocol import CLEAN_SOURCE, Protocol, single_attack
 
 
 def model_key(defense: Defense, dataset: str, arch: str, spec: PluginSpec, seed: int, preset: str) -> ModelKey:
@@ -62,9 +62,9 @@ def resolve_protocols(benchmark: Benchmark, registries: Registries) -> list[Prot
 
 def check_protocol(protocol: Protocol, registries: Registries, benchmark: Benchmark) -> None:
     """Every attack exists, takes its parameters and supports the norm; every source is declared."""
-    names = {s.name for s in protocol.surrogates}
+    names = {s.name for s in protocol.surrogates} | ({CLEAN_SOURCE} if protocol.is_corruption() else set())
     for use in protocol.uses:
-        resolve_attack(registries, use.attack, benchmark.norm)
+        resolve_attack(registries, use.attack, protocol.norm or benchmark.norm)
         if use.source is not None and use.source not in names:
             raise ConfigError(f"protocol {protocol.name!r}: use {use.label()} names an undeclared surrogate")
     for surrogate in protocol.surrogates:
@@ -85,10 +85,11 @@ def plan(benchmark: Benchmark, registries: Registries) -> list[Cell]:
         for arch, spec, seed in itertools.product(benchmark.archs, benchmark.defenses, benchmark.seeds):
             defense = resolve_defense(registries, spec, benchmark.preset, dataset)
             key = model_key(defense, dataset, arch, spec, seed, benchmark.preset)
-            for variant, protocol, eps in itertools.product(defense.variant_names(), protocols, eps_grid):
-                cells.append(
-                    Cell(key, variant, protocol, benchmark.norm, eps, benchmark.n_samples, benchmark.sample_seed)
-                )
+            for variant, protocol in itertools.product(defense.variant_names(), protocols):
+                # a protocol that fixes its threat (corruptions) has one cell per model, at eps 0
+                norm, grid = (protocol.norm, (0.0,)) if protocol.norm else (benchmark.norm, eps_grid)
+                for eps in grid:
+                    cells.append(Cell(key, variant, protocol, norm, eps, benchmark.n_samples, benchmark.sample_seed))
     _check_unique(cells)
     return apply_excludes(cells, benchmark.exclude)
 

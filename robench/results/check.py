@@ -137,6 +137,16 @@ def mcnemar_p(baseline: np.ndarray[Any, Any], run: np.ndarray[Any, Any]) -> tupl
     return float(drop), float(rise)
 
 
+def paired_mean_p(baseline: np.ndarray[Any, Any], run: np.ndarray[Any, Any]) -> tuple[float, float]:
+    """One-sided p-values (drop, rise) of a paired t-test on per-sample scores (a corruption
+    cell's share of sets classified correctly): the samples are the independent units."""
+    diff = run - baseline
+    if len(diff) < 2 or not np.any(diff != diff[0]):
+        return (1.0, 1.0) if not len(diff) or diff[0] == 0 else ((0.0, 1.0) if diff[0] < 0 else (1.0, 0.0))
+    t = float(diff.mean() / (diff.std(ddof=1) / math.sqrt(len(diff))))
+    return float(stats.t.sf(-t, len(diff) - 1)), float(stats.t.sf(t, len(diff) - 1))
+
+
 def two_proportion_p(baseline: float, n_baseline: int, run: float, n_run: int) -> tuple[float, float]:
     """One-sided p-values (drop, rise) of a pooled two-proportion z-test on accuracies."""
     hits_b, hits_r = round(baseline * n_baseline), round(run * n_run)
@@ -228,15 +238,17 @@ def _compare(old: RunData, base: pd.Series, new: RunData, row: pd.Series, tolera
         if r["status"] != "ok":
             return CellCheck(cell_id, "failed", f"{which} cell failed: {r['error']}")
     paired = _paired(old.verdicts, str(base["cell_key"]), new.verdicts, str(row["cell_key"]))
+    # a corruption cell's robust_acc is a mean over sets: compare each sample's share of sets, not "all correct"
+    robust = "score" if row.get("norm") == "corruption" else "robust"
     metrics = {
-        name: _metric(base, row, name, None if paired is None else (paired[0][name], paired[1][name]))
-        for name in ("robust", "clean")
+        name: _metric(base, row, name, None if paired is None else (paired[0][column], paired[1][column]))
+        for name, column in (("robust", robust), ("clean", "clean"))
     }
     worse = [n for n, m in metrics.items() if -m.delta_points > tolerance and m.p_drop < alpha]
     better = [n for n, m in metrics.items() if m.delta_points > tolerance and m.p_rise < alpha]
     verdict: Verdict = "regressed" if worse else "improved" if better else "ok"
     reason = f"{' and '.join(worse or better)} accuracy {'dropped' if worse else 'rose'}" if worse or better else ""
-    test = "mcnemar" if paired is not None else "z"
+    test = ("paired-t" if robust == "score" else "mcnemar") if paired is not None else "z"
     return CellCheck(cell_id, verdict, reason, test, metrics["robust"], metrics["clean"])
 
 
@@ -252,8 +264,10 @@ def _paired(
 
 def _metric(base: pd.Series, row: pd.Series, name: str, samples: tuple[pd.Series, pd.Series] | None) -> Metric:
     b, r = float(base[f"{name}_acc"]), float(row[f"{name}_acc"])
-    if samples is None:
+    if samples is None:  # for a corruption mean, conservative: a per-sample share varies less than a verdict
         p_drop, p_rise = two_proportion_p(b, int(base["n"]), r, int(row["n"]))
+    elif samples[0].dtype.kind == "f":
+        p_drop, p_rise = paired_mean_p(samples[0].to_numpy(float), samples[1].to_numpy(float))
     else:
         p_drop, p_rise = mcnemar_p(samples[0].to_numpy(bool), samples[1].to_numpy(bool))
     return Metric(b, r, p_drop, p_rise)

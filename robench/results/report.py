@@ -4,7 +4,7 @@ Writes ``report.md`` (per protocol, a table of robust accuracy by defense and ep
 Wilson interval, next to clean accuracy and the efficiency columns; what the model checks
 found; sanity flags; failed cells) and PNG plots: robust accuracy against eps, one figure
 per protocol (as in the EIO paper's Fig. 4, with the 95 % intervals as error bars), and,
-for defenses with several variants, robust accuracy against model size. Plots use
+for defenses with several variants, robust accuracy against model size and MACs. Plots use
 matplotlib's object API with the Agg canvas, so no display and no pyplot global state are
 involved.
 """
@@ -22,6 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from robench.results.check import load_cells
+from robench.results.corruption_report import corruption_report, is_corruption
 from robench.results.storage import describe_schema
 
 SECTION = ["protocol_label", "dataset", "arch", "norm"]
@@ -30,6 +31,12 @@ SERIES = ["dataset", "arch", "defense_label", "variant", "seed"]
 """One table row, and one plotted line, per model variant."""
 MARKERS = "osD^vPX*"
 """Markers cycle with the colours, so overlapping lines stay tellable apart."""
+
+
+SIZE_AXES = {"model_bytes": "model size", "macs": "MACs"}
+"""Columns robust accuracy is drawn against, for models with variants of several sizes (a
+pruned model's variants differ in bytes only, a ProARD family's in MACs too)."""
+SIZE_LABELS = {"model_bytes": "model size (bytes of weights)", "macs": "multiply-accumulates per image"}
 
 
 def write_report(run: Path, out: Path | None = None) -> list[Path]:
@@ -44,13 +51,18 @@ def write_report(run: Path, out: Path | None = None) -> list[Path]:
     lines = _header(Path(run), cells)
     plots: list[Path] = []
     for protocol, group in ok.groupby("protocol_label", sort=True):
+        if is_corruption(group):  # no eps axis: accuracy by severity and a corruption x defense map
+            section, figures = corruption_report(str(protocol), group, out)
+            lines, plots = lines + section, plots + figures
+            continue
         lines += _protocol_section(str(protocol), group)
         plots.append(_plot_eps(str(protocol), group, out))
         lines.append(f"![robust accuracy against eps]({plots[-1].name})\n")
-        size_plot = _plot_size(str(protocol), group, out)
-        if size_plot is not None:
-            plots.append(size_plot)
-            lines.append(f"![robust accuracy against model size]({size_plot.name})\n")
+        for column, what in SIZE_AXES.items():
+            size_plot = _plot_size(str(protocol), group, out, column)
+            if size_plot is not None:
+                plots.append(size_plot)
+                lines.append(f"![robust accuracy against {what}]({size_plot.name})\n")
     lines += _checks_section(ok) + _flags_section(ok) + _failed_section(cells)
     report = out / "report.md"
     report.write_text("\n".join(lines))
@@ -81,7 +93,8 @@ def _header(run: Path, cells: pd.DataFrame) -> list[str]:
         f"device {', '.join(sorted(set(cells['device'].astype(str))))}.",
         "",
         "Accuracies in %. Robust accuracy is all-or-nothing (correct on the clean input and under every "
-        "version of the protocol), with its 95 % Wilson interval in brackets. Efficiency: parameters, "
+        "version of the protocol; corruption protocols: the mean over their sets), with its 95 % interval in "
+        "brackets. Efficiency: parameters, "
         "non-zero parameters, weight storage, multiply-accumulates per image, median single-image latency.",
         "",
     ]
@@ -226,10 +239,11 @@ def _plot_eps(protocol: str, cells: pd.DataFrame, out: Path) -> Path:
     return path
 
 
-def _plot_size(protocol: str, cells: pd.DataFrame, out: Path) -> Path | None:
-    """Robust accuracy against model size for defenses with several variants; None if there are none."""
+def _plot_size(protocol: str, cells: pd.DataFrame, out: Path, column: str = "model_bytes") -> Path | None:
+    """Robust accuracy against ``column`` (a :data:`SIZE_AXES` key) for defenses with several
+    variants that differ in it; None if there are none."""
     model = ["dataset", "arch", "defense_label", "seed"]
-    several = cells.groupby(model)["variant"].transform("nunique") > 1
+    several = cells.groupby(model)[column].transform("nunique") > 1
     if not several.any():
         return None
     fig = _figure()
@@ -238,21 +252,21 @@ def _plot_size(protocol: str, cells: pd.DataFrame, out: Path) -> Path | None:
     labels = _series_labels(cells[several], columns)
     annotated: set[tuple[object, ...]] = set()
     for i, (key, series) in enumerate(cells[several].groupby(columns, sort=True)):
-        s = series.sort_values("model_bytes")
+        s = series.sort_values(column)
         acc = 100 * s["robust_acc"]
         yerr = [(acc - 100 * s["robust_ci_low"]).clip(lower=0), (100 * s["robust_ci_high"] - acc).clip(lower=0)]
         marker = MARKERS[i % len(MARKERS)]
-        ax.errorbar(s["model_bytes"], acc, yerr=yerr, marker=marker, capsize=3, alpha=0.85, label=labels[key])
+        ax.errorbar(s[column], acc, yerr=yerr, marker=marker, capsize=3, alpha=0.85, label=labels[key])
         if key[:-1] not in annotated:  # name each variant once per model, not once per eps
             annotated.add(key[:-1])
-            for x, y, name in zip(s["model_bytes"], acc, s["variant"], strict=True):
+            for x, y, name in zip(s[column], acc, s["variant"], strict=True):
                 ax.annotate(str(name), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    if cells.loc[several, "model_bytes"].max() > 10 * cells.loc[several, "model_bytes"].min():
+    if cells.loc[several, column].max() > 10 * cells.loc[several, column].min():
         ax.set_xscale("log")
-    ax.set(xlabel="model size (bytes of weights)", ylabel="robust accuracy (%)", ylim=(-2, 102))
-    ax.set_title(f"{protocol}: robust accuracy against model size", fontsize=10)
+    ax.set(xlabel=SIZE_LABELS[column], ylabel="robust accuracy (%)", ylim=(-2, 102))
+    ax.set_title(f"{protocol}: robust accuracy against {SIZE_AXES[column]}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    path = out / f"accuracy-vs-size-{_slug(protocol)}.png"
+    path = out / f"accuracy-vs-{'size' if column == 'model_bytes' else column}-{_slug(protocol)}.png"
     fig.savefig(path)
     return path

@@ -18,7 +18,7 @@ from typing import TypeVar
 import pandas as pd
 
 from robench.errors import RobenchError
-from robench.results.storage import SCHEMA_VERSION, DamagedFile, RunStore, warn_damaged
+from robench.results.storage import READABLE_VERSIONS, SCHEMA_VERSION, DamagedFile, RunStore, warn_damaged
 
 T = TypeVar("T")
 
@@ -62,7 +62,7 @@ def _load_cells(path: Path) -> tuple[pd.DataFrame, list[DamagedFile]]:
         state = "every file in cells/ is damaged" if damaged else "cells/ is empty"
         raise RunFolderError(f"{path} holds no finished cells ({state})")
     versions = sorted({int(v) for v in cells["schema_version"].dropna()})
-    if versions != [SCHEMA_VERSION]:
+    if not versions or not set(versions) <= set(READABLE_VERSIONS):  # newer versions only added columns
         raise RunFolderError(_schema_message(path, versions))
     return cells.reset_index(drop=True), damaged
 
@@ -81,7 +81,7 @@ def _check_manifest_schema(path: Path) -> None:
     manifest = path / "manifest.json"
     if manifest.is_file():
         version = json.loads(manifest.read_text()).get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_VERSIONS:
             raise RunFolderError(_schema_message(path, [version]))
 
 
@@ -94,10 +94,14 @@ def _schema_message(path: Path, versions: Sequence[object]) -> str:
 
 
 def sample_verdicts(samples: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Per cell key, per sample: ``robust`` iff every stored outcome is correct; ``clean`` = version -1."""
+    """Per cell key, per sample: ``robust`` iff every stored outcome is correct; ``clean`` = version -1;
+    ``score``: the share of versions classified correctly (0 where none ran), the per-sample
+    quantity whose mean is a corruption cell's ``robust_acc``."""
     out: dict[str, pd.DataFrame] = {}
     for key, group in samples.groupby("cell_key", sort=False):
         by_sample = group.groupby("sample")["correct"]
         clean = group[group["version"] == -1].set_index("sample")["correct"]
-        out[str(key)] = pd.DataFrame({"robust": by_sample.all(), "clean": clean}).sort_index()
+        score = group[group["version"] >= 0].groupby("sample")["correct"].mean()
+        frame = pd.DataFrame({"robust": by_sample.all(), "clean": clean}).sort_index()
+        out[str(key)] = frame.assign(score=score.reindex(frame.index).fillna(0.0).astype(float))
     return out

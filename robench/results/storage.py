@@ -35,7 +35,10 @@ import pyarrow.parquet as pq
 
 from robench.errors import DamagedFileWarning
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+"""Schema versions this robench reads. Version 2 added the corruption columns (nullable; a
+version-1 file reads with them null) and the ``corruption`` norm: older folders stay readable."""
 
 # name, type, meaning: the schema is written down once, here.
 _CELL_COLUMNS: list[tuple[str, pa.DataType, str]] = [
@@ -52,16 +55,18 @@ _CELL_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("protocol_spec", pa.string(), "the resolved protocol: uses, attack parameters, surrogates; canonical JSON"),
     ("protocol_revision", pa.int32(), "revision of the protocol definition (bumped when numbers would move)"),
     ("transfer", pa.bool_(), "true if any version attacks a surrogate (black-box transfer)"),
-    ("norm", pa.string(), "threat norm: linf or l2"),
-    ("eps", pa.float64(), "threat radius in [0, 1] pixel units"),
+    ("norm", pa.string(), "threat norm: linf, l2, or corruption (common corruptions: no radius, eps 0)"),
+    ("eps", pa.float64(), "threat radius in [0, 1] pixel units (0 for corruption cells)"),
     ("seed", pa.int64(), "seed of the model build (training) and of the attack's random starts"),
     ("status", pa.string(), "ok, or error (then error holds the message)"),
     ("error", pa.string(), "error text for status=error, else empty"),
     ("n", pa.int64(), "number of evaluated samples"),
     ("sample_seed", pa.int64(), "seed of the random evaluation subset of the test split"),
     ("clean_acc", pa.float64(), "accuracy on clean inputs"),
-    ("robust_acc", pa.float64(), "all-or-nothing robust accuracy: correct clean and under every version"),
-    ("robust_ci_low", pa.float64(), "Wilson 95% interval of robust_acc, low end"),
+    # corruption cells: robust_acc is RobustBench's corruption accuracy (the mean over the sets), not all-or-nothing
+    ("robust_acc", pa.float64(), "all-or-nothing accuracy: correct clean and under every version (corruption: mean)"),
+    # corruption cells: a normal interval over samples of each sample's share of sets classified correctly
+    ("robust_ci_low", pa.float64(), "Wilson 95% interval of robust_acc, low end (corruption: normal, see above)"),
     ("robust_ci_high", pa.float64(), "Wilson 95% interval of robust_acc, high end"),
     ("n_versions", pa.int64(), "number of attack versions (restarts) in the protocol"),
     ("exhaustive", pa.bool_(), "true if every version ran on every sample (no early exit)"),
@@ -71,7 +76,7 @@ _CELL_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("params", pa.int64(), "number of model parameters"),
     ("nonzero_params", pa.int64(), "number of non-zero parameters"),
     ("bits", pa.int32(), "bits per stored weight"),
-    ("model_bytes", pa.int64(), "weight storage at that bit width: params * bits / 8"),
+    ("model_bytes", pa.int64(), "weight storage: params * bits / 8, or the variant's sparse size (its encoding)"),
     ("macs", pa.int64(), "multiply-accumulates per image (conv and linear layers)"),
     ("latency_ms", pa.float64(), "median wall time of one single-image forward pass on `device`"),
     ("build_seconds", pa.float64(), "seconds spent training/compressing the model (0 when cached)"),
@@ -80,7 +85,8 @@ _CELL_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("gradient_calls", pa.int64(), "sample-level forward passes with gradients through the attacked model"),
     ("queries", pa.int64(), "all sample-level forward passes through the attacked model during attacks"),
     ("versions", pa.string(), "JSON list of version labels; samples.version indexes it"),
-    ("transfer_sets", pa.string(), "JSON list of the cached transfer-set files this cell used"),
+    ("transfer_sets", pa.string(), "JSON list of the cached transfer-set (or corruption-set) files this cell used"),
+    ("transfer_generated", pa.int64(), "how many of transfer_sets this cell generated (0: all read from the cache)"),
     ("flag_loss_not_increasing", pa.bool_(), "sanity: white-box attacks left the mean loss below the clean loss"),
     ("flag_eps_not_monotonic", pa.bool_(), "sanity: robust accuracy rises with eps (same model, protocol)"),
     ("flag_whitebox_above_transfer", pa.bool_(), "sanity: white-box accuracy above transfer accuracy, same eps"),
@@ -108,14 +114,25 @@ _CELL_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("config_hash", pa.string(), "hash of the benchmark configuration"),
     ("model_hash", pa.string(), "content hash of the model key (model cache directory)"),
     ("weights_sha256", pa.string(), "models loaded from a file (checkpoint, model zoo): the file's sha256; else empty"),
+    ("variant_config", pa.string(), "JSON architecture configuration the defense chose for the variant (ProARD)"),
     ("started_at", pa.timestamp("us", tz="UTC"), "when the cell's evaluation started"),
     ("finished_at", pa.timestamp("us", tz="UTC"), "when it finished"),
+    # corruption cells only (protocol `corruptions`, norm `corruption`); null for every other cell
+    ("corruption_acc", pa.float64(), "corruption: mean accuracy over every (corruption, severity) set (= robust_acc)"),
+    ("corruption_worst", pa.string(), "corruption: the corruption of lowest accuracy over its severities (else empty)"),
+    ("corruption_worst_acc", pa.float64(), "corruption: that corruption's accuracy averaged over severities"),
+    ("corruption_s1_acc", pa.float64(), "corruption: mean accuracy over the corruptions at severity 1"),
+    ("corruption_s2_acc", pa.float64(), "corruption: mean accuracy over the corruptions at severity 2"),
+    ("corruption_s3_acc", pa.float64(), "corruption: mean accuracy over the corruptions at severity 3"),
+    ("corruption_s4_acc", pa.float64(), "corruption: mean accuracy over the corruptions at severity 4"),
+    ("corruption_s5_acc", pa.float64(), "corruption: mean accuracy over the corruptions at severity 5"),
+    ("corruption_table", pa.string(), "corruption: JSON corruption -> accuracy per severity, in order (else empty)"),
 ]
 
 _SAMPLE_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("cell_key", pa.string(), "the cell (joins cells.cell_key)"),
     ("sample", pa.int64(), "index of the sample in the dataset's test split"),
-    ("version", pa.int32(), "-1 for the clean input, else the attack version (restart) index"),
+    ("version", pa.int32(), "-1 for the clean input, else the version (corruption: set) index in cells.versions"),
     ("correct", pa.bool_(), "whether the model classified this input correctly"),
 ]
 
