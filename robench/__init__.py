@@ -50,6 +50,7 @@ _EXPORTS: dict[str, str] = {
     "LossName": "robench.losses",
     "LossStep": "robench.training",
     "ModelKey": "robench.cell",
+    "Normalize": "robench.architecture",
     "Norm": "robench.context",
     "PluginSpec": "robench.plugin",
     "Progress": "robench.context",
@@ -111,6 +112,7 @@ __all__ = [
     "LossStep",
     "ModelKey",
     "Norm",
+    "Normalize",
     "PluginSpec",
     "Progress",
     "ProgressBar",
@@ -162,6 +164,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported e
     from robench.api import evaluate as evaluate
     from robench.api import read_run as read_run
     from robench.architecture import Architecture as Architecture
+    from robench.architecture import Normalize as Normalize
     from robench.attack import Attack as Attack
     from robench.attack import derive_key as derive_key
     from robench.attack import sample_keys as sample_keys

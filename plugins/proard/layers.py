@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import robench
+
 
 def make_divisible(value: float, divisor: int) -> int:
     """``value`` rounded to a multiple of ``divisor``, never more than 10 % below it (OFA/MobileNet rule)."""
@@ -103,17 +105,7 @@ class DynamicLinear(nn.Linear):
         return F.linear(x, self.weight[:, : x.shape[1]], self.bias)
 
 
-class Normalize(nn.Module):
-    """Per-channel ``(x - mean) / std`` inside the model: inputs stay in [0, 1] (DESIGN.md §2)."""
-
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Normalise."""
-        return (x - self.mean) / self.std
+Normalize = robench.Normalize  # normalisation inside the model, as every architecture has it
 
 
 class HSwish(nn.Module):

@@ -129,22 +129,24 @@ def select(
     chosen: dict[str, Student] = {}
     for budget in budgets:
         options = candidates(budget, space, costs, gen, sel.candidates)
-        best: tuple[tuple[float, float], Config, nn.Module] | None = None
+        best: tuple[tuple[float, float] | None, Config, nn.Module] | None = None
         for config in options:
             student = finish(net, config, ctx, sel, bn_indices)
             if len(options) == 1 or x is None or y is None:
-                best = ((0.0, 0.0), config, student)
+                best = (None, config, student)  # nothing to compare it with: not scored
                 break
             result = score(student, x.to(ctx.device), y.to(ctx.device), eps, sel.search_steps, ctx.seed)
-            if best is None or result > best[0]:
+            if best is None or best[0] is None or result > best[0]:
                 best = (result, config, student)
         assert best is not None
-        (robust, clean), config, student = best
+        scores, config, student = best
         cost = costs(config)
-        ctx.progress.log(
-            f"proard student {budget}: {cost.macs} MACs, {cost.params} params, held-out robust {robust:.3f} "
-            f"clean {clean:.3f} (best of {len(options)}): {encode(config)}"
+        found = (
+            "the only candidate"
+            if scores is None
+            else (f"held-out robust {scores[0]:.3f} clean {scores[1]:.3f} (best of {len(options)})")
         )
+        ctx.progress.log(f"proard student {budget}: {cost.macs} MACs, {cost.params} params, {found}: {encode(config)}")
         chosen[budget] = Student(student.cpu(), config, builder)
     return chosen
 

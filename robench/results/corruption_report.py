@@ -8,14 +8,13 @@ over severities. Called by :func:`robench.results.report.write_report`.
 from __future__ import annotations
 
 import json
-import re
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+
+from robench.results.figures import figure, slug
 
 SERIES = ["dataset", "arch", "defense_label", "variant", "seed"]
 SEVERITY_COLUMNS = [f"corruption_s{s}_acc" for s in range(1, 6)]
@@ -62,7 +61,7 @@ def corruption_report(protocol: str, cells: pd.DataFrame, out: Path) -> tuple[li
 
 def plot_severity(protocol: str, cells: pd.DataFrame, out: Path) -> Path:
     """Accuracy against severity (0 = clean, then each severity's mean over corruptions), per variant."""
-    fig = _figure()
+    fig = figure()
     ax = fig.add_subplot()
     labels = _labels(cells)
     for i, (key, series) in enumerate(cells.groupby(SERIES, sort=True)):
@@ -73,7 +72,7 @@ def plot_severity(protocol: str, cells: pd.DataFrame, out: Path) -> Path:
     ax.set_title(f"{protocol}: accuracy by severity (mean over corruptions)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    path = out / f"accuracy-vs-severity-{_slug(protocol)}.png"
+    path = out / f"accuracy-vs-severity-{slug(protocol)}.png"
     fig.savefig(path)
     return path
 
@@ -91,8 +90,7 @@ def plot_heatmap(protocol: str, cells: pd.DataFrame, out: Path) -> Path:
             values.extend([np.nan] * (len(columns) - len(values)))
     names = list(table)
     grid = np.array([table[n] for n in names])
-    fig = Figure(figsize=(2.5 + 1.1 * len(columns), 1.2 + 0.32 * len(names)), dpi=120, layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = figure((2.5 + 1.1 * len(columns), 1.2 + 0.32 * len(names)))
     ax = fig.add_subplot()
     image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=100, aspect="auto")
     for (r, c), value in np.ndenumerate(grid):
@@ -102,7 +100,7 @@ def plot_heatmap(protocol: str, cells: pd.DataFrame, out: Path) -> Path:
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.set_title(f"{protocol}: accuracy (%) by corruption, mean over severities", fontsize=10)
     fig.colorbar(image, ax=ax, label="accuracy (%)")
-    path = out / f"corruption-heatmap-{_slug(protocol)}.png"
+    path = out / f"corruption-heatmap-{slug(protocol)}.png"
     fig.savefig(path)
     return path
 
@@ -120,13 +118,3 @@ def _pct(value: float | None) -> str:
 
 def _row(cells: list[str]) -> str:
     return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
-
-
-def _figure() -> Figure:
-    fig = Figure(figsize=(7, 4.5), dpi=120, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")

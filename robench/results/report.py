@@ -12,17 +12,15 @@ involved.
 from __future__ import annotations
 
 import json
-import re
 import textwrap
 from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from robench.results.check import load_cells
 from robench.results.corruption_report import corruption_report, is_corruption
+from robench.results.figures import figure, slug
 from robench.results.storage import describe_schema
 
 SECTION = ["protocol_label", "dataset", "arch", "norm"]
@@ -208,19 +206,9 @@ def _series_labels(cells: pd.DataFrame, columns: list[str]) -> dict[tuple[object
     return {k: textwrap.fill(" ".join(f"{prefix.get(columns[i], '')}{k[i]}" for i in varying), 70) for k in keys}
 
 
-def _figure() -> Figure:
-    fig = Figure(figsize=(7, 4.5), dpi=120, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")
-
-
 def _plot_eps(protocol: str, cells: pd.DataFrame, out: Path) -> Path:
     """Robust accuracy against eps, one line per model variant, Wilson intervals as error bars."""
-    fig = _figure()
+    fig = figure()
     ax = fig.add_subplot()
     labels = _series_labels(cells, SERIES)
     for i, (key, series) in enumerate(cells.groupby(SERIES, sort=True)):
@@ -234,7 +222,7 @@ def _plot_eps(protocol: str, cells: pd.DataFrame, out: Path) -> Path:
     ax.set_title(f"{protocol}: all-or-nothing robust accuracy (95 % Wilson intervals)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    path = out / f"robust-vs-eps-{_slug(protocol)}.png"
+    path = out / f"robust-vs-eps-{slug(protocol)}.png"
     fig.savefig(path)
     return path
 
@@ -246,7 +234,7 @@ def _plot_size(protocol: str, cells: pd.DataFrame, out: Path, column: str = "mod
     several = cells.groupby(model)[column].transform("nunique") > 1
     if not several.any():
         return None
-    fig = _figure()
+    fig = figure()
     ax = fig.add_subplot()
     columns = [*model, "eps"]
     labels = _series_labels(cells[several], columns)
@@ -267,6 +255,6 @@ def _plot_size(protocol: str, cells: pd.DataFrame, out: Path, column: str = "mod
     ax.set_title(f"{protocol}: robust accuracy against {SIZE_AXES[column]}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    path = out / f"accuracy-vs-{'size' if column == 'model_bytes' else column}-{_slug(protocol)}.png"
+    path = out / f"accuracy-vs-{'size' if column == 'model_bytes' else column}-{slug(protocol)}.png"
     fig.savefig(path)
     return path
