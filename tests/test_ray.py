@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -160,3 +162,33 @@ def test_ray_missing_is_a_clear_error_before_any_compute(monkeypatch: pytest.Mon
     monkeypatch.setitem(__import__("sys").modules, "ray", None)
     with pytest.raises(ConfigError, match=r"pip install 'robench\[ray\]'"):
         make_executor(Execution("ray"))
+
+
+def test_ctrl_c_stops_a_ray_run_cleanly_and_a_rerun_resumes(tmp_path: Path) -> None:
+    """``robench run --executor ray`` as a user runs it (its own Ray, real Fashion-MNIST):
+    SIGINT after the first finished cell stops the grid, keeps what finished and leaves no
+    half-written file; the rerun computes only the rest."""
+    pytest.importorskip("robench.plugins.fashion_mnist").FashionMNIST().locate()  # skips without the data
+    args = ["robench", "run", "--defense", "baseline", "-D", "train_subset=600", "-D", "epochs=1"]
+    args += ["--attack", "pgd", "-A", "steps=2", "--seed", "0", "--seed", "1", "--seed", "2", "--n-samples", "40"]
+    args += ["--executor", "ray", "--cpus-per-task", "1", "--out", str(tmp_path / "run")]
+    args += ["--cache-dir", str(tmp_path / "cache")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env) as proc:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if line.startswith("done "):
+                proc.send_signal(signal.SIGINT)
+                break
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=120) != 0, rest
+    finished = RunStore(tmp_path / "run").read_cells()
+    assert 1 <= len(finished) < 3 and (finished["status"] == "ok").all()
+    assert not [p for p in (tmp_path / "run").rglob("*") if p.name.startswith(".")]  # no temporary files
+    again = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert again.returncode == 0, again.stderr
+    assert f"{len(finished)} cell(s) reused from an earlier run" in again.stdout
+    table = RunStore(tmp_path / "run").read_cells()
+    assert sorted(table["seed"]) == [0, 1, 2]
+    kept = table.merge(finished[["cell_key", "finished_at"]], on="cell_key", suffixes=("", "_first"))
+    assert (kept["finished_at"] == kept["finished_at_first"]).all()
