@@ -63,6 +63,11 @@ def test_a_corrupt_transfer_set_is_regenerated(pm: pluggy.PluginManager, tmp_pat
         torch.save(stored, path)
     second = run_transfer(pm, tmp_path, "b", eps=(0.2,))
     pd.testing.assert_frame_equal(first[MEASURED], second[MEASURED])
+    for path in (tmp_path / "cache" / "transfer").glob("*.pt"):
+        path.write_bytes(path.read_bytes()[:100])  # truncated (a full disk): unreadable, not a crash
+    third = run_transfer(pm, tmp_path, "c", eps=(0.2,))
+    pd.testing.assert_frame_equal(first[MEASURED], third[MEASURED])
+    assert third["transfer_generated"].sum() == 3  # each of the 3 sets produced again, once
 
 
 def test_an_undeclared_surrogate_fails_at_plan_time(pm: pluggy.PluginManager, tmp_path: Path) -> None:  # noqa: F811

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -37,6 +36,7 @@ from robench.context import ImageData, Progress, Threat
 from robench.corruption import SEVERITIES, STANDARD_CORRUPTIONS, Corruption
 from robench.errors import DataNotFoundError
 from robench.execute.engine import Outcome, Setup, generate
+from robench.execute.keyedfiles import KeyedFiles
 from robench.execute.modelcheck import ModelChecks
 from robench.execute.versions import TransferCache, Version
 from robench.protocol import Protocol as EvalProtocol
@@ -95,44 +95,29 @@ class CorruptionCache:
     """
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(root) / "corruptions"
+        self.files = KeyedFiles(Path(root) / "corruptions")
+        self.root = self.files.root
 
     def get(self, key: dict[str, object], shape: tuple[int, ...]) -> Tensor | None:
         """The stored images for ``key`` if present and intact, else ``None``."""
-        path = self.path(key)
-        if not path.exists():
+        stored = self.files.load(key)
+        images = None if stored is None else stored.get("images")
+        if not isinstance(images, Tensor) or images.dtype != torch.uint8 or tuple(images.shape) != shape:
             return None
-        try:
-            stored = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # a damaged file is a miss: regenerate it
-            return None
-        images = stored.get("images") if isinstance(stored, dict) else None
-        if not isinstance(images, Tensor) or stored.get("key") != _canonical(key):
-            return None
-        if images.dtype != torch.uint8 or tuple(images.shape) != shape or stored.get("sha256") != _sha(images):
-            return None
-        return images
+        return images if stored is not None and stored.get("sha256") == _sha(images) else None
 
     def put(self, key: dict[str, object], images: Tensor) -> None:
         """Store atomically (a concurrent writer of the same key writes the same bytes)."""
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         images = images.contiguous()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            torch.save({"key": _canonical(key), "images": images, "sha256": _sha(images)}, tmp)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        self.files.save(key, {"images": images, "sha256": _sha(images)})
 
     def name(self, key: dict[str, object]) -> str:
         """The file name of ``key``'s set (recorded in the cell's ``transfer_sets``)."""
-        return f"{hashlib.sha256(_canonical(key).encode()).hexdigest()[:24]}.pt"
+        return self.files.name(key)
 
     def path(self, key: dict[str, object]) -> Path:
         """Where ``key``'s set is stored."""
-        return self.root / self.name(key)
+        return self.files.path(key)
 
 
 def released_folder(dataset: str) -> Path | None:
@@ -267,10 +252,6 @@ def corruption_columns(protocol: EvalProtocol, versions: list[Version], out: Out
         accs = [row[s] for row in table.values() if s in row]
         columns[f"corruption_s{s}_acc"] = sum(accs) / len(accs) if accs else None
     return columns
-
-
-def _canonical(key: dict[str, object]) -> str:
-    return json.dumps(key, sort_keys=True, default=str)
 
 
 def _sha(images: Tensor) -> str:

@@ -9,10 +9,7 @@ their key and the eps-ball.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +19,7 @@ from torch import Tensor, nn
 from robench.attack import Attack
 from robench.context import Norm, Threat
 from robench.discover.registry import Registries
+from robench.execute.keyedfiles import KeyedFiles
 from robench.plan.grid import resolve_attack
 from robench.protocol import AttackUse, Protocol
 
@@ -95,43 +93,25 @@ class TransferCache:
     """Adversarial examples from surrogates, on disk under ``<root>/transfer/``."""
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(root) / "transfer"
+        self.files = KeyedFiles(Path(root) / "transfer")
+        self.root = self.files.root
 
     def get(self, key: dict[str, object], clean: Tensor, threat: Threat) -> Tensor | None:
-        """The stored examples for ``key`` if present and valid, else ``None``."""
-        path = self._path(key)
-        if not path.exists():
-            return None
-        stored = torch.load(path, map_location="cpu", weights_only=True)
-        if stored.get("key") != _canonical(key) or stored["x_adv"].shape != clean.shape:
-            return None
-        x_adv: Tensor = stored["x_adv"]
-        if not _inside(x_adv, clean, threat):
+        """The stored examples for ``key`` if present and valid (inside the threat's ball around
+        ``clean``), else ``None``."""
+        stored = self.files.load(key)
+        x_adv = None if stored is None else stored.get("x_adv")
+        if not isinstance(x_adv, Tensor) or x_adv.shape != clean.shape or not _inside(x_adv, clean, threat):
             return None
         return x_adv
 
     def put(self, key: dict[str, object], x_adv: Tensor) -> None:
         """Store atomically; a concurrent writer of the same key writes the same tensor."""
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            torch.save({"key": _canonical(key), "x_adv": x_adv.detach().cpu().contiguous()}, tmp)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        self.files.save(key, {"x_adv": x_adv.detach().cpu().contiguous()})
 
     def name(self, key: dict[str, object]) -> str:
         """The file name of ``key``'s examples (recorded in result rows)."""
-        return f"{hashlib.sha256(_canonical(key).encode()).hexdigest()[:24]}.pt"
-
-    def _path(self, key: dict[str, object]) -> Path:
-        return self.root / self.name(key)
-
-
-def _canonical(key: dict[str, object]) -> str:
-    return json.dumps(key, sort_keys=True, default=str)
+        return self.files.name(key)
 
 
 def _inside(x_adv: Tensor, clean: Tensor, threat: Threat, tolerance: float = 1e-5) -> bool:
