@@ -44,6 +44,7 @@ def evaluate(
     preset: str = "smoke",
     device: str = "auto",
     batch_size: int = 250,
+    shard_size: int | None = None,
     exhaustive: bool = False,
     out: str | Path | None = None,
     cache_dir: str | Path | None = None,
@@ -62,6 +63,7 @@ def evaluate(
     :param randomized: declare the model's prediction random (EOT and votes); the model
         checks find undeclared randomness anyway and flag it
     :param name: the ``defense`` column of the rows
+    :param shard_size: samples per shard (``robench run --shard-size``; default: robench's)
     :param out: a run folder to write (``robench show``, ``check`` and ``report`` read it;
         a second call with the same model and settings resumes it); default: a temporary one
     :param cache_dir: model and transfer-set cache (default ``$ROBENCH_CACHE`` or
@@ -93,6 +95,8 @@ def evaluate(
         batch_size=batch_size,
         exhaustive=exhaustive,
     )
+    if shard_size is not None:
+        benchmark = dataclasses.replace(benchmark, shard_size=shard_size)
     with tempfile.TemporaryDirectory(prefix="robench-evaluate-") as tmp:
         run_dir = Path(out) if out is not None else Path(tmp) / "run"
         defense = given_defense(model, name, randomized)

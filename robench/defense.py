@@ -10,7 +10,7 @@ from typing import ClassVar
 from torch import nn
 
 from robench.context import Context
-from robench.plugin import Plugin
+from robench.plugin import Plugin, PluginSpec
 
 
 @dataclass
@@ -82,6 +82,14 @@ class Defense(Plugin, ABC):
     def variant_names(self) -> tuple[str, ...]:
         """Names of the variants :meth:`fit` returns; known before any compute, for planning."""
         return ("model",)
+
+    def requires(self) -> tuple[PluginSpec, ...]:
+        """The other defenses' models :meth:`fit` loads with ``ctx.get_models`` (name and
+        parameters as passed there), known before any compute, for planning: the Ray
+        executor builds them first, in their own tasks, and starts this build only when they
+        exist. A defense that leaves this empty still works; its build then builds (or waits
+        for) those models itself, holding its task's CPUs or GPU meanwhile."""
+        return ()
 
     @abstractmethod
     def fit(self, ctx: Context) -> dict[str, nn.Module]:

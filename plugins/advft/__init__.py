@@ -182,13 +182,19 @@ class AdverFine(robench.Defense):
         twin = freeze(model)
         return robench.Variant(name=name, model=to_int8(twin), grad_model=twin, bits=self.bits, quantized_engine=ENGINE)
 
+    def requires(self) -> tuple[robench.PluginSpec, ...]:
+        """The start model's defense (``baseline`` or ``advt``), unless it starts from scratch."""
+        return () if self.start == "scratch" else (robench.PluginSpec.of(self.start, self._start_params()),)
+
+    def _start_params(self) -> dict[str, object]:
+        return {"eps": self.eps} if self.start == "advt" and self.eps else {}
+
     def _start_model(self, ctx: robench.Context) -> nn.Module:
         if self.start == "scratch":
             return ctx.new_model()
         if ctx.get_models is None:
             raise RuntimeError("advft needs the runner's model cache (Context.get_models) for its start model")
-        params: dict[str, object] = {"eps": self.eps} if self.start == "advt" and self.eps else {}
-        (parent,) = ctx.get_models(self.start, params).values()
+        (parent,) = ctx.get_models(self.start, self._start_params()).values()
         return copy.deepcopy(parent).cpu().eval()
 
     def _inputs(self, ctx: robench.Context) -> InputFn | None:

@@ -209,10 +209,19 @@ class ProARD(robench.Defense):
         chosen = select(net, self.students, train_ctx, held_data, self.selection(), eps, builder)
         return {variant_name(budget): student for budget, student in chosen.items()}
 
+    def requires(self) -> tuple[robench.PluginSpec, ...]:
+        """The ``trades`` teacher; for ``training=static``, the progressive ProARD whose
+        students' configurations it trains alone."""
+        if self.training == "static":
+            return (robench.PluginSpec.of("proard", self._progressive_params()),)
+        return (robench.PluginSpec.of("trades", self.teacher_params()),)
+
+    def _progressive_params(self) -> dict[str, object]:
+        return {k: v for k, v in self.params().items() if k not in _STATIC_FIELDS}
+
     def _fit_static(self, ctx: robench.Context, eps: float) -> dict[str, nn.Module]:
         assert ctx.get_models is not None
-        params = {k: v for k, v in self.params().items() if k not in _STATIC_FIELDS}
-        progressive = ctx.get_models("proard", params)
+        progressive = ctx.get_models("proard", self._progressive_params())
         builder = static_builder(self.space, ctx.shape)
         models: dict[str, nn.Module] = {}
         for name in self.variant_names():

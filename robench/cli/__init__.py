@@ -232,16 +232,21 @@ def plugins() -> None:
 @click.option("--schema", is_flag=True, help="Print the documented results schema instead.")
 def show(run_dir: Path | None, all_columns: bool, schema: bool) -> None:
     """Print a stored run folder as a table (or the results schema)."""
+    from robench.results.parts import unfinished_lines
     from robench.results.storage import RunStore, describe_schema
 
     if schema:
         for table, column, dtype, doc in describe_schema():
             click.echo(f"{table:<8} {column:<16} {dtype:<22} {doc}")
         return
-    if run_dir is None or not (run_dir / "cells").is_dir():
+    if run_dir is None or not ((run_dir / "cells").is_dir() or (run_dir / "parts").is_dir()):
         raise ConfigError(f"{run_dir} is not a robench run folder (it has no cells/ directory)")
-    cells = RunStore(run_dir).read_cells()
-    click.echo(cells.to_string(index=False) if all_columns else format_table(cells))
+    store = RunStore(run_dir)
+    cells = store.read_cells()
+    if len(cells):
+        click.echo(cells.to_string(index=False) if all_columns else format_table(cells))
+    for line in unfinished_lines(store, set(cells["cell_key"])):
+        click.echo(line)
 
 
 _RUN_DIR = click.argument("run_dir", type=click.Path(path_type=Path))

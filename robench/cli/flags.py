@@ -17,7 +17,7 @@ from click.core import ParameterSource
 
 from robench.errors import ConfigError
 from robench.plan.benchfile import benchmark_for_command
-from robench.plan.config import Benchmark
+from robench.plan.config import DEFAULT_SHARD_SIZE, Benchmark
 from robench.plan.execution import with_overrides
 from robench.plugin import PluginSpec
 
@@ -139,7 +139,18 @@ def benchmark_options(func: F) -> F:
             type=int,
             default=250,
             show_default=True,
-            help="Attack batch size (results do not depend on it).",
+            help="Attack batch size. Keyed attacks on deterministic models give the same numbers at any batch "
+            "size; batch-seeded attacks (apgd, square, autoattack) and random models give another draw (recorded "
+            "in every row).",
+        ),
+        click.option(
+            "--shard-size",
+            type=click.IntRange(min=1),
+            default=DEFAULT_SHARD_SIZE,
+            show_default=True,
+            help="Samples per shard: a cell's subset is evaluated (and stored, and resumed) in shards of at most "
+            "this many samples, the unit of work the Ray executor spreads over devices. Like --batch-size: "
+            "the same numbers for keyed attacks on deterministic models, another draw otherwise.",
         ),
     ]
     for option in reversed(options):
@@ -168,12 +179,14 @@ def _benchmark(opts: dict[str, Any], exhaustive: bool = False) -> Benchmark:
         n_samples=opts["n_samples"],
         sample_seed=opts["sample_seed"],
         batch_size=opts["batch_size"],
+        shard_size=opts["shard_size"],
         exhaustive=exhaustive,
     )
 
 
 def resolve_benchmark(opts: dict[str, Any], exhaustive: bool = False) -> Benchmark:
-    """The benchmark of the FILE argument (--batch-size, if given, overrides its own) or of the flags."""
+    """The benchmark of the FILE argument (--batch-size and --shard-size, if given, override its own) or
+    of the flags."""
     file: Path | None = opts.pop("file")
     if file is None:
         return _benchmark(opts, exhaustive)
@@ -181,7 +194,8 @@ def resolve_benchmark(opts: dict[str, Any], exhaustive: bool = False) -> Benchma
     given = {p.name: max(p.opts, key=len) for p in ctx.command.params if p.name in opts}
     given = {name: flag for name, flag in given.items() if ctx.get_parameter_source(str(name)) is cmdline}
     batch_size = opts["batch_size"] if given.pop("batch_size", None) else None
-    return benchmark_for_command(file, list(given.values()), batch_size, exhaustive)
+    shard_size = opts["shard_size"] if given.pop("shard_size", None) else None
+    return benchmark_for_command(file, list(given.values()), batch_size, exhaustive, shard_size)
 
 
 def _scoped(params: dict[str, Any], plugin: str) -> dict[str, Any]:
@@ -205,8 +219,9 @@ _EXECUTION_OPTIONS = (
         "--executor",
         type=click.Choice(["local", "ray"]),
         default=None,
-        help="local (default): one model group after another in this process. ray: one Ray task per model "
-        "group (pip install 'robench[ray]'); same table. In a benchmark file: [execution] executor.",
+        help="local (default): one model group after another in this process. ray: a Ray task graph, one "
+        "task per build, shared set and shard, each started once what it needs exists (pip install "
+        "'robench[ray]'); same table. In a benchmark file: [execution] executor.",
     ),
     click.option(
         "--address",
@@ -217,7 +232,8 @@ _EXECUTION_OPTIONS = (
         "--gpus-per-task",
         type=click.FloatRange(min=0),
         default=None,
-        help="With --executor ray: GPUs per task (fractions share one); tasks then run on CUDA.",
+        help="With --executor ray: GPUs per task (0.5: two shard tasks per GPU); tasks then run on CUDA "
+        "(with --device cpu, on the CPU: the GPUs are then Ray's logical resources only).",
     ),
     click.option(
         "--cpus-per-task",

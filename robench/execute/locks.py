@@ -30,6 +30,9 @@ class CacheLocks:
 
     def __init__(self, root: Path) -> None:
         self.folder = Path(root) / "locks"
+        self.waited = 0.0
+        """Seconds this process spent waiting for locks other processes held (the Ray
+        executor's tasks record it: a task that waits holds its CPUs or GPU idle)."""
 
     @contextmanager
     def hold(self, name: str, what: str, log: Callable[[str], None]) -> Iterator[None]:
@@ -42,8 +45,9 @@ class CacheLocks:
             lock.acquire(timeout=WAIT_NOTICE_SECONDS)
         except Timeout:
             log(f"waiting for another process producing {what}")
-            start = time.monotonic()
+            start = time.monotonic() - WAIT_NOTICE_SECONDS
             lock.acquire()
+            self.waited += time.monotonic() - start
             log(f"{what}: waited {time.monotonic() - start:.0f} s; reading it from the cache")
         try:
             yield

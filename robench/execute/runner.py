@@ -22,6 +22,7 @@ from robench.context import Progress
 from robench.discover.manager import plugin_infos
 from robench.discover.registry import Registries
 from robench.errors import ConfigError
+from robench.execute.assembly import Assembly
 from robench.execute.events import Group
 from robench.execute.executor import CellStarted, Executor, make_executor
 from robench.execute.modelcache import ModelCache, data_fingerprint
@@ -31,6 +32,7 @@ from robench.execute.versions import TransferCache
 from robench.plan.config import Benchmark
 from robench.plan.grid import plan, select_cells
 from robench.results.flags import update_flags
+from robench.results.parts import PartStore
 from robench.results.storage import CellResult, RunStore
 
 
@@ -85,6 +87,7 @@ def run(
         TransferCache(cache_dir),
         resolve_device(device),
         progress,
+        device_request=device,
     )
     for name, where in data.items():
         progress.log(f"data: {name} from {where}")
@@ -99,14 +102,19 @@ def run(
     progress.log(f"plan: {len(cells)} cells, {len(cells) - len(pending)} already finished in {run_dir}")
     results = [done[c.key] for c in cells if c.key in done]
     by_key = {c.key: c for c in pending}
-    for event in executor.map(session, _groups(pending)):  # hooks here, in the driver, never in a worker
+    sizes = (benchmark.shard_size, benchmark.batch_size)
+    assembly = Assembly(session, PartStore(run_dir), pending, sizes, progress.log)  # reads stored parts
+    for event in executor.map(session, _groups(pending, assembly)):  # hooks here, in the driver, never in a worker
         if isinstance(event, CellStarted):
             pm.hook.robench_cell_start(cell=by_key[event.cell_key])
             continue
-        session.store.write(event)
-        pm.hook.robench_cell_finish(cell=by_key[event.row["cell_key"]], result=event)
-        results.append(event)
-        progress.log(_line(event))
+        result = assembly.feed(event)  # a shard is stored as a part at once; a cell when its last part is in
+        if result is None:
+            continue
+        session.store.write(result)
+        pm.hook.robench_cell_finish(cell=by_key[result.row["cell_key"]], result=result)
+        results.append(result)
+        progress.log(_line(result))
     _write_manifest(session, cells, data, results)
     update_flags(session.store)
     pm.hook.robench_session_finish(benchmark=benchmark, results=results)
@@ -157,10 +165,12 @@ def _model_keys(session: Session, cells: Sequence[Cell]) -> list[ModelKey]:
     return list(keys)
 
 
-def _groups(cells: Sequence[Cell]) -> list[Group]:
+def _groups(cells: Sequence[Cell], assembly: Assembly) -> list[Group]:
     groups: dict[ModelKey, Group] = {}
     for cell in cells:
-        groups.setdefault(cell.model, Group(cell.model, [])).cells.append(cell)
+        group = groups.setdefault(cell.model, Group(cell.model, []))
+        group.cells.append(cell)
+        group.todo[cell.key] = assembly.todo(cell)
     return list(groups.values())
 
 

@@ -12,7 +12,10 @@ import contextlib
 import dataclasses
 import functools
 import json
+import os
+import socket
 import traceback
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,26 +25,18 @@ import torch
 from torch import nn
 
 import robench
-from robench.attack import derive_key
 from robench.cell import Cell, ModelKey
 from robench.context import Context, ImageData, Progress
 from robench.discover.registry import Registries
-from robench.execute.corruption import corruption_columns, without_gradient_checks
-from robench.execute.efficiency import measure
-from robench.execute.engine import Setup, deterministic, evaluate
-from robench.execute.events import CellStarted, Group
+from robench.execute.cellrow import RowInputs, assemble_row
+from robench.execute.engine import Setup, evaluate
+from robench.execute.events import CellPrepared, CellStarted, Event, Group, Prepared, ShardDone
 from robench.execute.modelcache import ModelCache, ModelFactory, data_fingerprint
-from robench.execute.modelcheck import (
-    CHECK_SAMPLES,
-    ModelChecks,
-    ModelContractError,
-    as_evaluated,
-    check_columns,
-    check_model,
-    with_masking_versions,
-)
+from robench.execute.modelcheck import ModelContractError, as_evaluated, with_masking_versions
 from robench.execute.numerics import cpu_provenance
-from robench.execute.rows import now, sample_rows, scores
+from robench.execute.prepare import prepare_cell
+from robench.execute.rows import now
+from robench.execute.shards import Part, shard_seed, shard_slices
 from robench.execute.transfersource import TransferSource
 from robench.execute.versions import Ensemble, TransferCache, expand
 from robench.plan.config import Benchmark
@@ -50,6 +45,10 @@ from robench.plugin import PluginSpec
 from robench.protocol import Protocol, Surrogate
 from robench.results.storage import CellResult, RunStore
 from robench.training import subset_indices
+
+_LOADED_MODELS = 4
+"""Model keys a session keeps loaded: a cell's shards (and its surrogates) reuse them instead of
+reading the cache again for every shard."""
 
 
 @dataclass
@@ -64,7 +63,10 @@ class Session:
     device: torch.device
     progress: Progress
     provenance: dict[str, Any] = field(default_factory=dict)
+    device_request: str = "auto"
+    """The device the run asked for (``--device``): ``cpu`` keeps Ray's GPU tasks on the CPU."""
     _data: dict[tuple[str, str], ImageData] = field(default_factory=dict)
+    _loaded: OrderedDict[ModelKey, tuple[dict[str, nn.Module], str]] = field(default_factory=OrderedDict)
 
     def data(self, dataset: str, split: str) -> ImageData:
         """A loaded split, loaded once per session."""
@@ -106,10 +108,19 @@ class Session:
         )
 
     def models(self, key: ModelKey) -> tuple[dict[str, nn.Module], float, str]:
-        """Build (or load) the models of ``key``: (variant -> model, build seconds, cache name)."""
+        """Build (or load) the models of ``key``: (variant -> model, build seconds, cache name).
+        The last few keys stay loaded, so the shards of a cell do not read them again."""
+        if key in self._loaded:
+            self._loaded.move_to_end(key)
+            models, name = self._loaded[key]
+            return models, 0.0, name
         defense = self.defense(key)
         fingerprint = data_fingerprint(self.data(key.dataset, "train"))
-        return self.cache.get(key, defense, lambda: self.context(key), fingerprint)
+        models, seconds, name = self.cache.get(key, defense, lambda: self.context(key), fingerprint)
+        self._loaded[key] = models, name
+        if len(self._loaded) > _LOADED_MODELS:
+            self._loaded.popitem(last=False)
+        return models, seconds, name
 
     def defense(self, key: ModelKey) -> robench.Defense:
         """The resolved defense instance of ``key``."""
@@ -132,11 +143,26 @@ class Session:
             self.benchmark, self.registries, self.store.path, self.cache.root, self.cache.frozen, self.provenance
         )
 
-    def work(self, group: Group) -> Iterator[CellStarted | CellResult]:
-        """Build the group's model once, then evaluate each of its cells: a
-        :class:`CellStarted` before each cell's evaluation, then its result."""
+    def work(self, group: Group) -> Iterator[Event]:
+        """The local executor's unit: build the group's model once, prepare each cell (model
+        checks), then compute its shards still to do, in order (:class:`~robench.execute.events.Group`)."""
+        for event in self.prepare_group(group):
+            yield event
+            if not isinstance(event, CellPrepared):
+                continue
+            cell = next(c for c in group.cells if c.key == event.cell_key)
+            for index in group.todo.get(cell.key, range(len(self.shards(cell)))):
+                done = self.run_shard(cell, event.prepared, index)
+                yield done
+                if isinstance(done, CellResult):  # an error row: the cell's other shards are moot
+                    break
+
+    def prepare_group(self, group: Group) -> Iterator[CellStarted | CellPrepared | CellResult]:
+        """Build (or load) the group's model, then prepare each of its cells: a
+        :class:`CellStarted`, then its :class:`CellPrepared` (or an ``error`` row)."""
         key = group.key
         self.progress.log(f"building {key.dataset}/{key.arch}/{key.defense_label}/seed={key.seed}")
+        started = now()
         try:
             models, build_seconds, model_hash = self.models(key)
             defense = self.defense(key)
@@ -144,25 +170,28 @@ class Session:
             for cell in group.cells:
                 yield self.error(cell, f"{key.defense}.build", exc)
             return
+        self.progress.log(f"built {key.defense_label}/seed={key.seed} ({'built' if build_seconds else 'cached'})")
+        build = {"build_started": started.timestamp(), "build_finished": now().timestamp()}
         for cell in group.cells:
             yield CellStarted(cell.key)
             try:
                 make_variant = functools.partial(defense.variant, cell.variant, models[cell.variant])
-                yield self._evaluate(cell, make_variant, build_seconds, model_hash)
+                prepared = self.prepare(cell, make_variant, build_seconds, model_hash)
+                yield CellPrepared(cell.key, dataclasses.replace(prepared, provenance={**build, **prepared.provenance}))
             except ModelContractError as exc:
                 yield self.error(cell, "model checks", exc)
             except Exception as exc:
                 yield self.error(cell, f"protocol {cell.protocol.name}", exc)
             build_seconds = 0.0  # charged to the first cell of the group only
 
-    def _evaluate(
-        self, cell: Cell, make_variant: Callable[[], robench.Variant], build_seconds: float, model_hash: str
-    ) -> CellResult:
-        started = now()
-        data = self.data(cell.model.dataset, "test")
-        indices = self.eval_indices(cell.model.dataset)
+    def shards(self, cell: Cell) -> list[slice]:
+        """The shards of ``cell``'s evaluation subset (:func:`~robench.execute.shards.shard_slices`)."""
+        return shard_slices(len(self.eval_indices(cell.model.dataset)), self.benchmark.shard_size)
+
+    def setup(self, cell: Cell) -> Setup:
+        """How ``cell``'s versions run."""
         p = cell.protocol
-        setup = Setup(
+        return Setup(
             key=json.dumps([cell.model.dataset, p.name, cell.norm, cell.eps, cell.model.seed]),
             batch_size=self.benchmark.batch_size,
             device=self.device,
@@ -170,90 +199,86 @@ class Session:
             votes=p.votes,
             eot=p.eot,
         )
-        with _seeded_global_rng(cell.key, self.device):  # undeclared random models: reproducible per cell
-            declared, checks = self._check(cell, make_variant, data, indices, setup)
-            checks = without_gradient_checks(checks, p)
-            variant = as_evaluated(declared, checks)
-            protocol = self._masking_protocol(cell) if checks.vanishing else p
-            versions = expand(protocol, self.registries, cell.norm)
-            transfer = TransferSource(self, cell, protocol, setup, data, indices)
+
+    def prepare(
+        self, cell: Cell, make_variant: Callable[[], robench.Variant], build_seconds: float, model_hash: str
+    ) -> Prepared:
+        """The model checks of ``cell`` on its first samples, and what its shards share."""
+        with _seeded_global_rng(shard_seed(cell.key, 0), self.device):  # undeclared random models: reproducible
+            return prepare_cell(self, cell, make_variant, build_seconds, model_hash)
+
+    def run_shard(self, cell: Cell, prepared: Prepared, index: int) -> ShardDone | CellResult:
+        """Shard ``index`` of ``cell`` as a :class:`ShardDone`, or the cell's ``error`` row."""
+        try:
+            return ShardDone(cell.key, self.shard(cell, prepared, index))
+        except Exception as exc:
+            return self.error(cell, f"protocol {cell.protocol.name}", exc)
+
+    def shard(self, cell: Cell, prepared: Prepared, index: int) -> Part:
+        """Evaluate shard ``index`` of ``cell`` on its own: a fresh variant, torch's global
+        generators seeded from the cell and the shard, its transfer sets sliced to the shard."""
+        started, waited = now(), self.cache.locks.waited
+        data = self.data(cell.model.dataset, "test")
+        indices = self.eval_indices(cell.model.dataset)
+        slices = self.shards(cell)
+        part = slices[index]
+        models, _, _ = self.models(cell.model)
+        defense = self.defense(cell.model)
+        setup = self.setup(cell)
+        count = f" shard {index + 1}/{len(slices)}" if len(slices) > 1 else ""
+        self.progress.log(f"evaluating {cell.id}{count} ({part.stop - part.start} samples)")
+        with _seeded_global_rng(shard_seed(cell.key, index), self.device):
+            variant = as_evaluated(defense.variant(cell.variant, models[cell.variant]), prepared.checks)
+            versions = expand(prepared.protocol, self.registries, cell.norm)
+            transfer = TransferSource(self, cell, prepared.protocol, setup, data, indices)
             out = evaluate(
-                variant, versions, cell.threat, data, indices, setup=setup, transfer=transfer, progress=self.progress
+                variant,
+                versions,
+                cell.threat,
+                data,
+                indices[part],
+                setup=setup,
+                transfer=lambda version: transfer(version)[part],
+                progress=self.progress,
             )
-        eff = measure(
-            declared.model,
-            data.batch(indices[:1])[0].to(self.device),
-            bits=declared.bits,
-            counted=declared.attack_model,
-            model_bytes=declared.model_bytes,
-        )
-        own = len(expand(p, self.registries, cell.norm))
-        row = {
-            **self._key_columns(cell),
-            **scores(out, len(indices)),
-            **check_columns(checks, declared.randomized, out, versions[own:] if checks.vanishing else []),
-            **corruption_columns(p, versions, out),
-            "status": "ok",
-            "error": "",
-            "n_versions": len(versions),
-            "exhaustive": setup.exhaustive,
-            "randomized": variant.randomized,
-            "quantized_engine": variant.quantized_engine,
-            "weights_sha256": declared.weights_sha256,
-            "variant_config": declared.config,
-            "eot": p.eot if variant.randomized else 0,
-            "votes": p.votes if variant.randomized else 1,
-            "params": eff.params,
-            "nonzero_params": eff.nonzero_params,
-            "bits": eff.bits,
-            "model_bytes": eff.model_bytes,
-            "macs": eff.macs,
-            "latency_ms": eff.latency_ms,
-            "build_seconds": build_seconds,
-            "attack_seconds": out.seconds,
-            "transfer_seconds": transfer.seconds,
-            "gradient_calls": out.gradient_calls,
-            "queries": out.queries,
-            "versions": json.dumps([v.label for v in versions]),
-            "transfer_sets": json.dumps(transfer.used, sort_keys=True),
-            "transfer_generated": transfer.generated,
-            "model_hash": model_hash,
-            "started_at": started,
-            "finished_at": now(),
+        provenance = {
+            "device": str(self.device),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": started.timestamp(),
+            "finished": now().timestamp(),
+            "lock_wait_seconds": self.cache.locks.waited - waited,
         }
-        return CellResult(row, sample_rows(cell.key, indices, out))
-
-    def _check(
-        self,
-        cell: Cell,
-        make_variant: Callable[[], robench.Variant],
-        data: ImageData,
-        indices: torch.Tensor,
-        setup: Setup,
-    ) -> tuple[robench.Variant, ModelChecks]:
-        """The declared variant and the model checks on the first of the cell's samples."""
-        variant = make_variant()
-        x, y = data.batch(indices[:CHECK_SAMPLES])
-        placed = dataclasses.replace(
-            variant,
-            model=setup.place_model(variant.model),
-            grad_model=None if variant.grad_model is None else setup.place_model(variant.grad_model),
+        return Part(
+            index=index,
+            count=len(slices),
+            indices=indices[part],
+            outcome=out,
+            versions=[v.label for v in versions],
+            transfer_seconds=transfer.seconds,
+            transfer_used=transfer.used,
+            transfer_generated=transfer.generated,
+            provenance=provenance,
         )
-        num_classes = self.registries.datasets.get(cell.model.dataset).shape.num_classes
-        with deterministic(setup.device):  # as the attacks run: on CUDA, repeats must not differ by kernel choice
-            checks = check_model(placed, setup.place(x), y.to(setup.device), num_classes)
-        if checks.fired(variant.randomized) or checks.training_modules:
-            self.progress.log(f"checks {cell.id}: {checks.describe(variant.randomized)}")
-        if variant.randomized:  # restart its random stream: the checks drew from it
-            variant = make_variant()
-        return variant, checks
 
-    def _masking_protocol(self, cell: Cell) -> Protocol:
+    def assemble(self, cell: Cell, prepared: Prepared, parts: list[Part]) -> CellResult:
+        """The cell's row and samples from its prepared facts and all of its parts."""
+        indices = self.eval_indices(cell.model.dataset)
+        versions = expand(prepared.protocol, self.registries, cell.norm)
+        own = len(expand(cell.protocol, self.registries, cell.norm))
+        return assemble_row(
+            RowInputs(cell, prepared, parts, versions, own, self.benchmark.batch_size, self.benchmark.shard_size),
+            self.key_columns(cell),
+            indices,
+        )
+
+    def masking_protocol(self, cell: Cell) -> Protocol:
         """The cell's protocol with the masking diagnosis's transfer and Square versions."""
         baseline = next((s for s in self.benchmark.defenses if s.name == "baseline"), PluginSpec("baseline"))
         return with_masking_versions(cell.protocol, self.registries, baseline, self.benchmark.preset)
 
-    def _key_columns(self, cell: Cell) -> dict[str, Any]:
+    def key_columns(self, cell: Cell) -> dict[str, Any]:
+        """The columns that name ``cell``, and the run's provenance."""
         m = cell.model
         return {
             "cell_key": cell.key,
@@ -280,7 +305,7 @@ class Session:
         text = "".join(traceback.format_exception(exc))
         self.progress.log(f"ERROR {cell.id}: {where} raised {type(exc).__name__}: {exc}\n{text}")
         row = {
-            **self._key_columns(cell),
+            **self.key_columns(cell),
             "status": "error",
             "error": f"{where}: {type(exc).__name__}: {exc}",
             "started_at": now(),
@@ -302,6 +327,10 @@ class Recipe:
     frozen: Path | None
     provenance: dict[str, Any]
 
+    def identity(self) -> str:
+        """Names the run this recipe rebuilds: its folders and configuration."""
+        return json.dumps([str(self.run_dir), str(self.cache_dir), self.provenance.get("config_hash")])
+
     def open(self, device: torch.device, progress: Progress) -> Session:
         """The session, on this process's ``device``; the rows' device and CPU columns are
         this process's (a worker's machine may differ from the driver's)."""
@@ -319,10 +348,11 @@ class Recipe:
 
 
 @contextlib.contextmanager
-def _seeded_global_rng(cell_key: str, device: torch.device) -> Iterator[None]:
-    """torch's global generators seeded from the cell and restored afterwards: a model that
-    draws from them (undeclared randomness) gives the same numbers in any order of cells."""
+def _seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """torch's global generators seeded with ``seed`` (:func:`~robench.execute.shards.shard_seed`)
+    and restored afterwards: a model that draws from them (undeclared randomness) gives the
+    same numbers in any order of cells and shards, on any device of a cluster."""
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(derive_key("cell", cell_key) % 2**63)
+        torch.manual_seed(seed)
         yield

@@ -69,16 +69,20 @@ class TransferSource:
         self._surrogates: dict[str, tuple[nn.Module, list[str]]] = {}
 
     def __call__(self, version: Version) -> torch.Tensor:
+        log = self.session.progress.log
+        what = f"the set {version.label} at eps={self.cell.eps:g}"
+        with self.session.cache.locks.hold(self.set_name(version), what, log):
+            return self._produce(version)  # a set another task is producing: waited for, then read
+
+    def set_name(self, version: Version) -> str:
+        """The name of ``version``'s set: equal for every cell (target) that uses the same set."""
         source = version.use.source
         corrupted = self.protocol.is_corruption()  # corruption sets have no surrogate
         surrogate = None if source is None or corrupted else dataclasses.asdict(self.protocol.surrogate(source))
         what: list[object] = [self.cell.model.dataset, data_hash(self.indices), version.key()]
-        if not self.protocol.is_corruption():  # a corruption set is one for every seed and eps
+        if not corrupted:  # a corruption set is one for every seed and eps
             what += [self.cell.norm, self.cell.eps, self.cell.model.seed, surrogate]
-        name = json.dumps(what, sort_keys=True, default=str)
-        log = self.session.progress.log
-        with self.session.cache.locks.hold(name, f"the set {version.label} at eps={self.cell.eps:g}", log):
-            return self._produce(version)  # a set another task is producing: waited for, then read
+        return json.dumps(what, sort_keys=True, default=str)
 
     def _produce(self, version: Version) -> torch.Tensor:
         if self.protocol.is_corruption():  # no surrogate: a cached transform of the clean set

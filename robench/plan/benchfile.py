@@ -37,7 +37,7 @@ TOP_KEYS = (
     "protocols",
 )
 GRID_KEYS = ("dataset", "arch", "defense", "protocol", "attack", "eps", "seed", "exclude")
-EVALUATION_KEYS = ("n_samples", "sample_seed", "batch_size")
+EVALUATION_KEYS = ("n_samples", "sample_seed", "batch_size", "shard_size")
 INLINE_PROTOCOL_KEYS = ("uses", "surrogates", "eot", "votes")
 USE_KEYS = ("attack", "params", "source")
 SURROGATE_KEYS = ("name", "defense", "params", "seeds", "arch")
@@ -72,20 +72,28 @@ def load_benchmark(path: Path) -> Benchmark:
 
 
 def benchmark_for_command(
-    path: Path, grid_flags: Sequence[str], batch_size: int | None = None, exhaustive: bool = False
+    path: Path,
+    grid_flags: Sequence[str],
+    batch_size: int | None = None,
+    exhaustive: bool = False,
+    shard_size: int | None = None,
 ) -> Benchmark:
     """The benchmark of ``path`` for ``robench run FILE`` / ``robench plan FILE``.
 
     :param grid_flags: command-line flags given that define the grid: refused, the file does
     :param batch_size: ``--batch-size`` if given (it overrides the file's)
+    :param shard_size: ``--shard-size`` if given (it overrides the file's)
     """
     if grid_flags:
         raise ConfigError(
             f"{', '.join(grid_flags)} cannot be combined with a benchmark file ({path}): the file defines the grid, "
-            "so edit it instead (--batch-size, --device, --out, --cache-dir, --exhaustive and -k still apply)"
+            "so edit it instead (--batch-size, --shard-size, --device, --out, --cache-dir, --exhaustive and -k "
+            "still apply)"
         )
     benchmark = replace(load_benchmark(path), exhaustive=exhaustive)
-    return benchmark if batch_size is None else replace(benchmark, batch_size=batch_size)
+    if batch_size is not None:
+        benchmark = replace(benchmark, batch_size=batch_size)
+    return benchmark if shard_size is None else replace(benchmark, shard_size=shard_size)
 
 
 def _benchmark(data: dict[str, Any], stem: str) -> Benchmark:

@@ -20,6 +20,11 @@ from robench.plugin import PluginSpec
 from robench.protocol import Protocol
 
 PRESETS = ("smoke", "paper")
+DEFAULT_SHARD_SIZE = 250
+"""Samples per shard unless told otherwise. The tests' and smoke runs' few hundred samples
+stay one shard or two; RobustBench's 10,000 CIFAR images under AutoAttack become 40 shards,
+each minutes of work on one GPU for a WideResNet-28-10: 5 full rounds on 8 GPUs, where shards
+of 500 would leave 4 of 8 GPUs idle in the last round (benchmarks/shards.py simulates both)."""
 EXCLUDE_KEYS = ("dataset", "arch", "defense", "variant", "protocol", "attack", "eps", "seed")
 """What an exclude entry may match on: the grid's axes, plus each defense's variants."""
 
@@ -49,6 +54,9 @@ class Benchmark:
     n_samples: int = 1000
     sample_seed: int = 0
     batch_size: int = 250
+    shard_size: int = DEFAULT_SHARD_SIZE
+    """Samples per shard, the unit of work (DESIGN.md §7): a cell's subset is cut into
+    shards of at most this many samples, in the order of its drawn indices."""
     exhaustive: bool = False
     exclude: tuple[Exclude, ...] = ()
     execution: Execution = field(default_factory=Execution, compare=False)
@@ -65,8 +73,8 @@ class Benchmark:
             raise ConfigError("a benchmark needs at least one defense and one attack or protocol")
         for eps in self.eps:
             Threat(self.norm, eps)  # an eps out of range fails here, before any plugin loads
-        if self.n_samples < 1 or self.batch_size < 1:
-            raise ConfigError("n_samples and batch_size must be >= 1")
+        if self.n_samples < 1 or self.batch_size < 1 or self.shard_size < 1:
+            raise ConfigError("n_samples, batch_size and shard_size must be >= 1")
         if not self.seeds:
             raise ConfigError("a benchmark needs at least one seed")
         for entry in self.exclude:
@@ -84,8 +92,10 @@ class Benchmark:
     def config_hash(self) -> str:
         """Short hash of everything that defines the results (not of batch size or mode)."""
         data = self.to_json()
-        for key in ("batch_size", "exhaustive", "name"):
-            data.pop(key)  # these do not change the numbers (DESIGN.md §5)
+        for key in ("batch_size", "shard_size", "exhaustive", "name"):
+            # these do not change the numbers of keyed attacks on deterministic models (DESIGN.md §5);
+            # batch-seeded attacks and random models record them in every row instead
+            data.pop(key)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
 
 

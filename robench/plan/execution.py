@@ -21,12 +21,13 @@ EXECUTORS = ("local", "ray")
 class Execution:
     """Executor settings.
 
-    :param executor: ``local`` (in-process, one model group after another) or ``ray`` (one
-        Ray task per model group)
+    :param executor: ``local`` (in-process, one model group after another, each cell's shards
+        in order) or ``ray`` (a Ray task graph: one task per build, shared set and shard)
     :param address: the Ray cluster to join (``ray start --head`` prints it; ``auto`` finds
         a running one); empty starts a private cluster on this machine
-    :param gpus_per_task: GPUs each Ray task requests (fractions share a GPU); tasks then
-        train and attack on CUDA
+    :param gpus_per_task: GPUs each Ray task requests (0.5: two shard tasks per GPU); tasks
+        then train and attack on CUDA (with ``--device cpu``, on the CPU: GPUs are then Ray's
+        logical resources only)
     :param cpus_per_task: CPU cores each Ray task requests, and the torch threads it uses;
         0 means as many as this process uses (what the local executor would use, so that
         the numbers are exactly the local executor's: float reductions depend on the

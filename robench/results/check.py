@@ -49,7 +49,34 @@ KEY_COLUMNS: tuple[str, ...] = (
     "sample_seed",
     "n",
 )
-"""The columns that identify a cell across runs: two runs' cells with equal values are compared."""
+"""The columns that identify a cell across runs: two runs' cells with equal values are compared.
+
+``batch_size`` and ``shard_size`` are not among them: keyed attacks on deterministic models
+give every sample the same verdict at any batch or shard size, so such cells must agree
+exactly. Batch-seeded attacks (torchattacks' APGD, Square and AutoAttack seed a whole batch)
+and randomized variants draw other numbers when either changes: their cells are still paired,
+and the test judges the difference as it judges noise; :func:`sampling_notes` says so."""
+
+SAMPLING_COLUMNS = {"batch_size": "attack batch size", "shard_size": "shard size"}
+"""Row columns that change the draws of batch-seeded attacks and random models (not the key)."""
+
+
+def sampling_notes(run: pd.DataFrame, baseline: pd.DataFrame) -> tuple[str, ...]:
+    """A note when the runs used another batch or shard size (where both recorded it)."""
+    notes = []
+    for column, label in SAMPLING_COLUMNS.items():
+        if column not in run or column not in baseline or run[column].isna().all() or baseline[column].isna().all():
+            continue  # a run folder of an older robench: not recorded
+        old, new = sorted(set(baseline[column].dropna().astype(int))), sorted(set(run[column].dropna().astype(int)))
+        if old != new:
+            notes.append(f"{label}: baseline {old}, run {new}")
+    if notes:
+        notes.append(
+            "keyed attacks on deterministic models give the same verdicts at any batch or shard size; batch-seeded "
+            "attacks (apgd, square, autoattack) and randomized variants draw other numbers, compared as noise"
+        )
+    return tuple(notes)
+
 
 Verdict = Literal["regressed", "failed", "missing", "new", "improved", "ok"]
 VERDICTS: tuple[Verdict, ...] = ("regressed", "failed", "missing", "new", "improved", "ok")
@@ -183,7 +210,7 @@ def check(
         raise RunFolderError(_nothing_in_common(new, old))
     out += [CellCheck(d.path.name, "missing", f"the baseline's {d.describe()}") for d in old.damaged]
     out += [CellCheck(str(r["cell_id"]), "new", "not in the baseline") for r in unmatched.values()]
-    notes = machine_notes(new.cells, old.cells)
+    notes = (*machine_notes(new.cells, old.cells), *sampling_notes(new.cells, old.cells))
     return CheckResult(Path(run), Path(baseline), tolerance, alpha, tuple(out), notes, fail_on_rise)
 
 

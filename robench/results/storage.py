@@ -35,10 +35,11 @@ import pyarrow.parquet as pq
 
 from robench.errors import DamagedFileWarning
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 """Schema versions this robench reads. Version 2 added the corruption columns (nullable; a
-version-1 file reads with them null) and the ``corruption`` norm: older folders stay readable."""
+version-1 file reads with them null) and the ``corruption`` norm; version 3 the shard columns
+(``batch_size``, ``shard_size``, ``shards``): older folders stay readable."""
 
 # name, type, meaning: the schema is written down once, here.
 _CELL_COLUMNS: list[tuple[str, pa.DataType, str]] = [
@@ -70,6 +71,10 @@ _CELL_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("robust_ci_high", pa.float64(), "Wilson 95% interval of robust_acc, high end"),
     ("n_versions", pa.int64(), "number of attack versions (restarts) in the protocol"),
     ("exhaustive", pa.bool_(), "true if every version ran on every sample (no early exit)"),
+    # batch-seeded attacks (apgd, square, autoattack) and random models: the numbers are a function of these
+    ("batch_size", pa.int32(), "attack batch size the cell ran with"),
+    ("shard_size", pa.int32(), "samples per shard: the subset was evaluated in slices of at most this many"),
+    ("shards", pa.int32(), "how many shards the cell's subset was cut into (parts/ keeps one file each)"),
     ("randomized", pa.bool_(), "true if the variant was evaluated as randomized: declared, or found by the checks"),
     ("eot", pa.int32(), "randomized variants: softmax draws averaged for gradient attacks (EOT); else 0"),
     ("votes", pa.int32(), "predictions per verdict: a majority of `votes` draws decides (1 if deterministic)"),
@@ -233,11 +238,11 @@ class RunStore:
         check_row(result)
         key = result.row["cell_key"]
         samples = result.samples or {name: [] for name in SAMPLE_SCHEMA.names}
-        _atomic_parquet(pa.Table.from_pydict(samples, schema=SAMPLE_SCHEMA), self.path / "samples" / f"{key}.parquet")
+        atomic_parquet(pa.Table.from_pydict(samples, schema=SAMPLE_SCHEMA), self.path / "samples" / f"{key}.parquet")
         row = {name: [result.row.get(name)] for name in CELL_SCHEMA.names}
         row["schema_version"] = [SCHEMA_VERSION]
         target = self.path / "cells" / f"{key}.parquet"
-        _atomic_parquet(pa.Table.from_pydict(row, schema=CELL_SCHEMA), target)
+        atomic_parquet(pa.Table.from_pydict(row, schema=CELL_SCHEMA), target)
         return target
 
     def read_cells(self) -> pd.DataFrame:
@@ -262,7 +267,7 @@ class RunStore:
         for row in table.to_dict("records"):
             data = {name: [row.get(name)] for name in CELL_SCHEMA.names}
             target = self.path / "cells" / f"{row['cell_key']}.parquet"
-            _atomic_parquet(pa.Table.from_pydict(data, schema=CELL_SCHEMA), target)
+            atomic_parquet(pa.Table.from_pydict(data, schema=CELL_SCHEMA), target)
 
     def read_manifest(self) -> dict[str, Any]:
         """The run's manifest."""
@@ -361,7 +366,8 @@ def _damage(path: Path) -> DamagedFile | None:
     return None
 
 
-def _atomic_parquet(table: pa.Table, target: Path) -> None:
+def atomic_parquet(table: pa.Table, target: Path) -> None:
+    """Write ``table`` to ``target`` through a hidden temporary file renamed into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     os.close(fd)

@@ -1,4 +1,5 @@
-"""A defense whose worker dies mid-build, for the Ray executor's tests (issue 15).
+"""A defense whose worker dies mid-build, and an attack whose worker dies mid-shard, for the
+Ray executor's tests (issues 15, 20).
 
 ``kill-once`` trains like ``baseline``; while ``$ROBENCH_TEST_KILL_DIR`` is set it SIGKILLs
 its own process at training batch ``kill_at``, ``kills`` times in all (counted in files in
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 import robench
 
@@ -69,7 +71,39 @@ class KillOnce(robench.Defense):
         return {"model": robench.train(ctx.new_model(), ctx, schedule, after_step=killer, desc="kill-once train")}
 
 
+@dataclass(frozen=True, kw_only=True)
+class KillShard(robench.Attack):
+    """One signed gradient step of size eps (FGSM) that kills its worker at its first call
+    ever while ``$ROBENCH_TEST_KILL_DIR`` is set (a ``shard-kill`` file marks it done), and
+    appends the batch's first key to ``calls`` there at every call: a shard rerun after the
+    kill shows up as its key twice.
+    """
+
+    name: ClassVar[str] = "kill-shard"
+
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, threat: robench.Threat, keys: Tensor) -> Tensor:
+        """The FGSM step; first the call log and, once, the kill."""
+        folder = os.environ.get(KILL_DIR_ENV)
+        if folder:
+            with open(Path(folder) / "calls", "a") as log:
+                log.write(f"{int(keys[0])}\n")
+            marker = Path(folder) / "shard-kill"
+            if not marker.exists():
+                marker.touch()
+                os.kill(os.getpid(), signal.SIGKILL)
+        x_adv = x.clone().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(model(x_adv), y)
+        (grad,) = torch.autograd.grad(loss, x_adv)
+        return (x + threat.eps * grad.sign()).clamp(0, 1).detach()
+
+
 @robench.hookimpl
 def robench_defenses() -> list[type[robench.Defense]]:
     """The dying defense."""
     return [KillOnce]
+
+
+@robench.hookimpl
+def robench_attacks() -> list[type[robench.Attack]]:
+    """The dying attack."""
+    return [KillShard]
