@@ -48,6 +48,7 @@ from robench.plan.config import Benchmark
 from robench.plan.grid import model_key, resolve_defense
 from robench.plugin import PluginSpec
 from robench.protocol import Protocol, Surrogate
+from robench.results.reference import reference_columns
 from robench.results.storage import CellResult, RunStore
 from robench.training import subset_indices
 
@@ -74,8 +75,10 @@ class Session:
         return self._data[dataset, split]
 
     def eval_indices(self, dataset: str) -> torch.Tensor:
-        """The reproducible evaluation subset of the test split."""
+        """The reproducible evaluation subset of the test split (the first n with ``sample_order`` first)."""
         n = len(self.data(dataset, "test"))
+        if self.benchmark.sample_order == "first":
+            return torch.arange(min(n, self.benchmark.n_samples))
         return subset_indices(n, self.benchmark.n_samples, self.benchmark.sample_seed)
 
     def model_key(self, dataset: str, arch: str, spec: PluginSpec, seed: int) -> ModelKey:
@@ -100,6 +103,7 @@ class Session:
             default_eps=dataset_cls.default_eps["linf"],
             progress=self.progress,
             dataset=key.dataset,
+            cache_root=self.cache.root,
             get_models=lambda name, params: self.models(
                 self.model_key(key.dataset, key.arch, PluginSpec.of(name, params), key.seed)
             )[0],
@@ -136,7 +140,8 @@ class Session:
         """Build the group's model once, then evaluate each of its cells: a
         :class:`CellStarted` before each cell's evaluation, then its result."""
         key = group.key
-        self.progress.log(f"building {key.dataset}/{key.arch}/{key.defense_label}/seed={key.seed}")
+        what = f"{key.dataset}/{key.evaluated_arch}/{key.defense_label}/seed={key.seed}"
+        self.progress.log(f"building {what}")
         try:
             models, build_seconds, model_hash = self.models(key)
             defense = self.defense(key)
@@ -144,7 +149,12 @@ class Session:
             for cell in group.cells:
                 yield self.error(cell, f"{key.defense}.build", exc)
             return
+        # off a terminal, bars print only every minute: these lines show each phase in a log
+        self.progress.log(
+            f"built {what} in {build_seconds:.1f} s" if build_seconds else f"{what}: from the model cache"
+        )
         for cell in group.cells:
+            self.progress.log(f"cell {cell.id}: started")
             yield CellStarted(cell.key)
             try:
                 make_variant = functools.partial(defense.variant, cell.variant, models[cell.variant])
@@ -188,9 +198,10 @@ class Session:
             model_bytes=declared.model_bytes,
         )
         own = len(expand(p, self.registries, cell.norm))
+        measured = scores(out, len(indices))
         row = {
             **self._key_columns(cell),
-            **scores(out, len(indices)),
+            **measured,
             **check_columns(checks, declared.randomized, out, versions[own:] if checks.vanishing else []),
             **corruption_columns(p, versions, out),
             "status": "ok",
@@ -200,6 +211,7 @@ class Session:
             "randomized": variant.randomized,
             "quantized_engine": variant.quantized_engine,
             "weights_sha256": declared.weights_sha256,
+            **reference_columns(cell, declared.reference, measured["robust_ci_low"]),
             "variant_config": declared.config,
             "eot": p.eot if variant.randomized else 0,
             "votes": p.votes if variant.randomized else 1,
@@ -259,7 +271,7 @@ class Session:
             "cell_key": cell.key,
             "cell_id": cell.id,
             "dataset": m.dataset,
-            "arch": m.arch,
+            "arch": m.evaluated_arch,
             "defense": m.defense,
             "defense_params": m.defense_params,
             "preset": m.preset,
@@ -272,6 +284,7 @@ class Session:
             "eps": cell.eps,
             "seed": m.seed,
             "sample_seed": cell.sample_seed,
+            "sample_order": cell.sample_order,
             **self.provenance,
         }
 
