@@ -211,7 +211,17 @@ def list_cmd(kind: str | None, name: str | None) -> None:
         click.echo(f"{name}:")
         for entry_name, entry in getattr(registries, name):
             provider = f"{entry.plugin.display_name} {entry.plugin.version}"
-            click.echo(f"  {entry_name:<16} {provider:<36} {entry.cls.summary()}")
+            click.echo(f"  {entry_name:<16} {provider:<36} {_threats(name, entry.cls)}{entry.cls.summary()}")
+
+
+def _threats(kind: str, cls: Any) -> str:
+    """For attacks, the threats ``--norm`` may name for them; a corruption says how to use it."""
+    if kind != "attacks":
+        return ""
+    norms = sorted(cls.norms)
+    if norms == ["corruption"]:
+        return "[corruption: use --protocol corruptions] "
+    return f"[{', '.join(norms)}] "
 
 
 @cli.command()
