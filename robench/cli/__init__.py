@@ -215,13 +215,10 @@ def list_cmd(kind: str | None, name: str | None) -> None:
 
 
 def _threats(kind: str, cls: Any) -> str:
-    """For attacks, the threats ``--norm`` may name for them; a corruption says how to use it."""
-    if kind != "attacks":
-        return ""
-    norms = sorted(cls.norms)
-    if norms == ["corruption"]:
-        return "[corruption: use --protocol corruptions] "
-    return f"[{', '.join(norms)}] "
+    """An attack ``--attack`` cannot take (a common corruption has no radius) says how to use it."""
+    if kind == "attacks" and not set(cls.norms) & {"linf", "l2"}:
+        return f"[{', '.join(sorted(cls.norms))}: use --protocol corruptions] "
+    return ""
 
 
 @cli.command()
