@@ -22,6 +22,7 @@ line when each file starts and one when it is complete.
 from __future__ import annotations
 
 import pickle
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -136,12 +137,14 @@ def _why(exc: BaseException) -> str:
     if isinstance(exc, FileURLRetrievalError):
         return f"Google Drive refused it (download quota exceeded, or not shared): {_first_line(exc)}"
     if isinstance(exc, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
-        return f"no connection to Google Drive, offline? {type(exc).__name__}: {_first_line(exc)}"
+        reason = getattr(exc.args[0], "reason", exc) if exc.args else exc  # urllib3's MaxRetryError holds the cause
+        return f"no connection to Google Drive, offline? {type(exc).__name__}: {_first_line(reason)}"
     return f"the transfer failed: {type(exc).__name__}: {_first_line(exc)}"
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+def _first_line(exc: object) -> str:
+    """The first line of an error's text, without urllib3's ``<... object at 0x...>:`` prefixes."""
+    lines = [re.sub(r"<[^<>]* at 0x[0-9a-f]+>: ", "", line.strip()) for line in str(exc).splitlines() if line.strip()]
     return lines[0][:200] if lines else type(exc).__name__
 
 

@@ -289,9 +289,11 @@ class Session:
         }
 
     def error(self, cell: Cell, where: str, exc: BaseException) -> CellResult:
-        """The ``error`` row of ``cell``, whose ``where`` raised ``exc`` (logged with its traceback)."""
-        text = "".join(traceback.format_exception(exc))
-        self.progress.log(f"ERROR {cell.id}: {where} raised {type(exc).__name__}: {exc}\n{text}")
+        """The ``error`` row of ``cell``, whose ``where`` raised ``exc`` (a bug is logged with its traceback;
+        a :class:`robench.RobenchError` says what to do already, and the runner prints it with the row)."""
+        if not isinstance(exc, robench.RobenchError):
+            text = "".join(traceback.format_exception(exc))
+            self.progress.log(f"ERROR {cell.id}: {where} raised {type(exc).__name__}: {exc}\n{text}")
         row = {
             **self._key_columns(cell),
             "status": "error",
