@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from robench.results.metrics import wilson_interval
 from robench.results.reference import SUSPECTS
 
 
@@ -56,8 +57,12 @@ def _verdict(row: pd.Series) -> str:
         return "not the published evaluation"
     if bool(row["flag_above_reference"]):
         return "**above: check the evaluation**"
+    # the clean number is comparable even when the attack is stronger: a shortfall points at the model
+    clean_high = wilson_interval(round(row["clean_acc"] * row["n"]), int(row["n"]))[1]
+    if clean_high < row["reference_clean_acc"]:
+        return "clean accuracy below the published: another file, a missing normalisation, or other data?"
     if row["robust_ci_high"] < row["reference_robust_acc"]:
-        return "below (a stronger evaluation, or fewer images)"
+        return "below (a stronger evaluation than the published one)"
     return "agrees (published number within the interval)"
 
 
