@@ -160,6 +160,7 @@ def test_a_manifest_pin_decides_and_no_first_use_is_recorded(
     assert Pins(tmp_path / "cache").all() == {}
 
 
+@pytest.mark.usefixtures("narrow")
 def test_an_ensemble_downloads_each_missing_member_by_its_own_id(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
