@@ -168,7 +168,9 @@ class RobustBenchModel(robench.Defense):
         try:
             zoo_entry(self.dataset, self.threat_model, self.model_name)
         except robench.ConfigError as exc:
-            close = difflib.get_close_matches(self.key, list(entries), n=3, cutoff=0.6)
+            names = {key.rsplit("/", 1)[1] for key in entries}  # names, not keys: every key shares a prefix
+            similar = difflib.get_close_matches(self.model_name, sorted(names), n=3, cutoff=0.6)
+            close = [k for k in entries if k.startswith(f"{self.dataset}/") and k.rsplit("/", 1)[1] in similar]
             hint = f" Close entries of the manifest {manifest}: {', '.join(close)}." if close else ""
             raise robench.ConfigError(f"{exc}{hint}") from None
 
