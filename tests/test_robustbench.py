@@ -91,14 +91,18 @@ def write_manifest(path: Path, entries: dict[str, dict[str, str | None]]) -> str
     return str(path)
 
 
-def context(shape: robench.DataShape = CIFAR10, dataset: str = "cifar10", cache: Path | None = None) -> robench.Context:
-    """A build context; ``cache`` is the cache folder of first-use pins (default: a fresh temporary one)."""
-    import tempfile
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """First-use pins of a context without a cache folder go to the test's own folder, never the user's."""
+    monkeypatch.setenv("ROBENCH_CACHE", str(tmp_path / "robench-cache"))
 
+
+def context(shape: robench.DataShape = CIFAR10, dataset: str = "cifar10", cache: Path | None = None) -> robench.Context:
+    """A build context; ``cache`` is the cache folder of first-use pins (default: ``$ROBENCH_CACHE``, the test's)."""
     data = robench.ImageData(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.zeros(4, dtype=torch.long))
-    root = cache or Path(tempfile.mkdtemp(prefix="robench-test-cache-"))
+    work = (cache or Path("unused")) / "work"  # the robustbench defense keeps nothing there
     return robench.Context(
-        data, shape, nn.Identity, torch.device("cpu"), 0, "smoke", root / "work", dataset=dataset, cache_root=root
+        data, shape, nn.Identity, torch.device("cpu"), 0, "smoke", work, dataset=dataset, cache_root=cache
     )
 
 

@@ -19,7 +19,18 @@ import requests
 import torch
 from conftest import Shell
 from gdown.exceptions import FileURLRetrievalError
-from test_robustbench import CIFAR10, DECK, LRR, context, narrow, release, seeded, write_manifest, zoo  # noqa: F401
+from test_robustbench import (  # noqa: F401  (narrow and _private_cache are fixtures)
+    CIFAR10,
+    DECK,
+    LRR,
+    _private_cache,
+    context,
+    narrow,
+    release,
+    seeded,
+    write_manifest,
+    zoo,
+)
 from torch import nn
 
 import robench
