@@ -53,6 +53,7 @@ _EXPORTS: dict[str, str] = {
     "Normalize": "robench.architecture",
     "Norm": "robench.context",
     "PluginSpec": "robench.plugin",
+    "Reference": "robench.defense",
     "Progress": "robench.context",
     "ProgressBar": "robench.context",
     "Protocol": "robench.protocol",
@@ -118,6 +119,7 @@ __all__ = [
     "ProgressBar",
     "Protocol",
     "ProtocolDef",
+    "Reference",
     "RobenchError",
     "Schedule",
     "Split",
@@ -185,6 +187,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported e
     from robench.dataset import Dataset as Dataset
     from robench.dataset import Split as Split
     from robench.defense import Defense as Defense
+    from robench.defense import Reference as Reference
     from robench.defense import Variant as Variant
     from robench.errors import CacheError as CacheError
     from robench.errors import ConfigError as ConfigError

@@ -23,6 +23,13 @@ class ModelKey:
     seed: int
     preset: str
     revision: int = 1  # Defense.model_revision(): bumped when the defense's models would change
+    network: str = ""  # Defense.network(arch) when it is not ``arch`` (a zoo model's own); not in the digest
+
+    @property
+    def evaluated_arch(self) -> str:
+        """The network the cells evaluate, for ids and the ``arch`` column: ``arch``, unless the
+        defense brings its own (``network``, e.g. a RobustBench WideResNet-28-10)."""
+        return self.network or self.arch
 
     def digest(self) -> str:
         """Content hash of the key (the model cache's directory name)."""
@@ -43,13 +50,14 @@ class Cell:
     eps: float
     n_samples: int
     sample_seed: int
+    sample_order: str = "random"  # robench.plan.config.SAMPLE_ORDERS
 
     @property
     def id(self) -> str:
         """Stable, readable id, e.g. ``fashion-mnist/cnn8/advt/model/pgd/linf/eps=0.1/seed=0``."""
         m = self.model
         return (
-            f"{m.dataset}/{m.arch}/{m.defense_label}/{self.variant}/{self.protocol.name}/"
+            f"{m.dataset}/{m.evaluated_arch}/{m.defense_label}/{self.variant}/{self.protocol.name}/"
             f"{self.norm}/eps={self.eps:g}/seed={m.seed}"
         )
 
@@ -65,6 +73,8 @@ class Cell:
             self.n_samples,
             self.sample_seed,
         ]
+        if self.sample_order != "random":  # keys of random-order cells (every earlier run's) stay as they were
+            fields.append(self.sample_order)
         return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
 
     @property

@@ -109,6 +109,9 @@ class Context:
         start model of a fine-tuning defense: ``get_models("advt", {"eps": 0.1})``
     :param dataset: the dataset's registry name (``fashion-mnist``, ``cifar10``, ...), for
         defenses that load models made for one dataset
+    :param cache_root: the cache folder shared by every build (``--cache-dir``), for what a
+        plugin keeps across models and runs (e.g. trust-on-first-use hashes of weights files);
+        ``None`` outside a run
     """
 
     train: ImageData
@@ -122,6 +125,7 @@ class Context:
     progress: Progress = field(default_factory=Progress)
     get_models: Callable[[str, dict[str, object]], dict[str, nn.Module]] | None = None
     dataset: str = ""
+    cache_root: Path | None = None
 
     def generator(self, salt: int = 0) -> torch.Generator:
         """A CPU generator seeded from the cell's seed (and ``salt``, for independent streams)."""

@@ -9,8 +9,41 @@ from typing import ClassVar
 
 from torch import nn
 
-from robench.context import Context
+from robench.context import Context, Norm
 from robench.plugin import Plugin, PluginSpec
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A published evaluation of a model, carried into its rows beside robench's own numbers.
+
+    The row gets ``reference_clean_acc``, ``reference_robust_acc`` and ``reference_source``;
+    when the cell repeats the published evaluation (``protocol``, ``norm``, ``eps`` and
+    ``sample_order`` all match) and robench's robust accuracy is above ``robust_acc`` by more
+    than its 95 % interval, ``flag_above_reference``: robench's attack did worse than the
+    published one, the model lacks its input normalisation, or the weights are another file's.
+
+    :param clean_acc: published clean accuracy, as a fraction in [0, 1]
+    :param robust_acc: published robust accuracy (for a corruption protocol: the mean
+        accuracy over the corrupted sets), as a fraction
+    :param source: where the numbers come from, e.g. RobustBench's model_info at a commit
+    :param protocol: the robench protocol that repeats the published evaluation
+    :param protocol_spec: its canonical JSON (``Protocol.canonical()``) when only that exact
+        form repeats it (e.g. all 75 corruption sets); empty: any protocol of that name
+    :param norm: the published threat's norm (``corruption`` for common corruptions)
+    :param eps: the published radius in [0, 1] pixel units (0 for corruptions)
+    :param sample_order: how the published evaluation took its test images (``first``:
+        the first n in order; ``random``: a random subset)
+    """
+
+    clean_acc: float
+    robust_acc: float
+    source: str
+    protocol: str
+    norm: Norm
+    eps: float
+    protocol_spec: str = ""
+    sample_order: str = "first"
 
 
 @dataclass
@@ -35,6 +68,8 @@ class Variant:
         CARD defense's ``bitmap-fp32``
     :param config: the variant's architecture configuration when the defense chooses it (a
         ProARD student's subnet choices), as JSON, recorded in the row; empty otherwise
+    :param reference: a published evaluation of this model (e.g. RobustBench's leaderboard),
+        shown beside robench's numbers in its rows and the report; ``None`` if there is none
     """
 
     name: str
@@ -47,6 +82,7 @@ class Variant:
     model_bytes: int = 0
     encoding: str = "dense"
     config: str = ""
+    reference: Reference | None = None
 
     @property
     def attack_model(self) -> nn.Module:
@@ -78,6 +114,14 @@ class Defense(Plugin, ABC):
         """The revision of the models these parameters give (part of the model key): the
         class's ``revision``, unless a change moved only some of a defense's models."""
         return self.revision
+
+    def network(self, arch: str) -> str:
+        """The network this defense's models are, for cell ids and the ``arch`` column: the
+        cell's architecture ``arch`` (``--arch``), unless the defense brings its own network (a
+        model zoo entry, an archive that holds its code); called at planning, so it must be cheap.
+        A defense whose network does not depend on ``arch`` is planned once per dataset and seed,
+        whatever the grid's architectures."""
+        return arch
 
     def variant_names(self) -> tuple[str, ...]:
         """Names of the variants :meth:`fit` returns; known before any compute, for planning."""

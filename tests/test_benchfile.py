@@ -212,6 +212,22 @@ def test_wrong_types_name_the_file_and_the_key(tmp_path: Path) -> None:
     assert error(tmp_path, MINIMAL + "[defenses]\nbaseline = 3\n").startswith("[defenses] holds one table per plugin")
 
 
+def test_the_sample_order_is_an_evaluation_key_checked_before_compute(tmp_path: Path) -> None:
+    path = tmp_path / "first.toml"
+    path.write_text(MINIMAL + '[evaluation]\nsample_order = "first"\n')
+    first = load_benchmark(path)
+    assert first.sample_order == "first" and first.to_json()["sample_order"] == "first"  # in the manifest
+    path.write_text(MINIMAL)
+    assert "sample_order" not in load_benchmark(path).to_json()  # random: earlier runs' hashes unchanged
+    assert load_benchmark(path).config_hash() != first.config_hash()
+    assert error(tmp_path, MINIMAL + '[evaluation]\nsample_order = "frist"\n') == (
+        "unknown sample order 'frist'. Did you mean: first? Use one of random, first"
+    )
+    assert error(tmp_path, MINIMAL + "[evaluation]\nsample_order = 1\n") == (
+        "[evaluation] sample_order must be a string, got 1"
+    )
+
+
 def test_invalid_toml_and_benchmark_errors_name_the_file(tmp_path: Path) -> None:
     assert error(tmp_path, "[grid\n").startswith("not valid TOML: ")
     assert error(tmp_path, '[grid]\ndefense = ["baseline"]\n').startswith("a benchmark needs at least one defense")

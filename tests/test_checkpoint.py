@@ -199,6 +199,13 @@ def test_runner_evaluates_the_file_and_records_its_sha256(fmt: str, pm: pluggy.P
     assert row["weights_sha256"] == sha256(path)
     assert json.loads(row["defense_params"])["sha256"] == sha256(path)
     assert row["clean_acc"] >= row["robust_acc"]
+    # the network evaluated: --arch for a state dict; the archive's own, named by format and file, for an archive
+    network = {
+        "state_dict": "tinynet",
+        "torchscript": f"torchscript:{path.name}",
+        "export": f"torch.export:{path.name}",
+    }
+    assert row["arch"] == network[fmt] and row["cell_id"].startswith(f"tiny/{network[fmt]}/checkpoint[")
 
 
 def test_an_overwritten_file_is_a_new_model_never_the_cached_copy(pm: pluggy.PluginManager, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import click
 import pluggy
 import pytest
 from click.testing import CliRunner
+from conftest import Shell
 
 import robench
 from robench import cli as cli_module
@@ -191,3 +192,12 @@ def test_plugin_command_clashing_with_a_builtin_fails(
             main()
         assert info.value.code == 2
         assert capsys.readouterr().err == "error: plugin command 'list' clashes with an existing robench command\n"
+
+
+def test_list_attacks_says_a_corruption_is_used_through_its_protocol(shell: Shell) -> None:
+    lines = {line.split()[0]: line for line in sections(invoke("list", "attacks").output)["attacks"]}
+    assert "use --protocol" not in lines["pgd"]
+    assert "[corruption: use --protocol corruptions] " in lines["corruption"]
+    code, printed = shell(["plan", "--attack", "corruption"])  # listed with the attacks, but not one of a radius
+    assert code == 2 and "'corruption' is a common corruption, not an attack within a linf radius: evaluate " in printed
+    assert "with --protocol corruptions" in printed

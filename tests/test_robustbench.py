@@ -3,6 +3,7 @@
 RobustBench's real constructors build the architectures. The CARD networks are built
 narrower (``width=8``, same classes and keys) by patching their zoo entries, except in one
 test that loads the real-size Binary CARD, so the loader is exercised on the real shapes too.
+Downloads, trust on first use, published numbers and ``robench zoo``: test_robustbench_zoo.py.
 """
 
 from __future__ import annotations
@@ -28,9 +29,16 @@ import robench
 from robench.discover.manager import get_plugin_manager
 from robench.execute.runner import run
 from robench.plugins.robustbench import RobustBenchModel
-from robench.plugins.robustbench.__main__ import pin
 from robench.plugins.robustbench.compat import import_robustbench
-from robench.plugins.robustbench.weights import MANIFEST, SOFTMAX_ENSEMBLES, LogMeanSoftmax, read_manifest, weight_files
+from robench.plugins.robustbench.facts import leaderboard
+from robench.plugins.robustbench.weights import (
+    MANIFEST,
+    SOFTMAX_ENSEMBLES,
+    LogMeanSoftmax,
+    hashes_of,
+    read_manifest,
+    weight_files,
+)
 from robench.results.storage import RunStore
 from robench.testing import TinyPlugin
 
@@ -83,9 +91,19 @@ def write_manifest(path: Path, entries: dict[str, dict[str, str | None]]) -> str
     return str(path)
 
 
-def context(shape: robench.DataShape = CIFAR10, dataset: str = "cifar10", tmp: Path = Path(".")) -> robench.Context:
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """First-use pins of a context without a cache folder go to the test's own folder, never the user's."""
+    monkeypatch.setenv("ROBENCH_CACHE", str(tmp_path / "robench-cache"))
+
+
+def context(shape: robench.DataShape = CIFAR10, dataset: str = "cifar10", cache: Path | None = None) -> robench.Context:
+    """A build context; ``cache`` is the cache folder of first-use pins (default: ``$ROBENCH_CACHE``, the test's)."""
     data = robench.ImageData(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.zeros(4, dtype=torch.long))
-    return robench.Context(data, shape, nn.Identity, torch.device("cpu"), 0, "smoke", tmp, dataset=dataset)
+    work = (cache or Path("unused")) / "work"  # the robustbench defense keeps nothing there
+    return robench.Context(
+        data, shape, nn.Identity, torch.device("cpu"), 0, "smoke", work, dataset=dataset, cache_root=cache
+    )
 
 
 @pytest.fixture
@@ -113,6 +131,7 @@ def test_a_single_model_predicts_as_robustbench_architecture_and_the_row_gets_it
     digest = json.loads(Path(params["manifest"]).read_text())["models"][f"cifar10/corruptions/{LRR}"][f"{LRR}.pt"]
     assert defense.sha256 == digest and defense.variant("model", model).weights_sha256 == digest
     assert json.loads(defense.canonical())["sha256"] == digest  # in the model key and defense_params
+    assert hashes_of(skeleton) == [digest]  # a cached copy says which file its weights came from
 
 
 def test_the_real_size_binary_card_loads_from_robustbench_release_format(tmp_path: Path) -> None:
@@ -163,26 +182,6 @@ def test_the_shipped_manifest_covers_the_card_models_in_robustbench_layout() -> 
     assert len(entries[f"cifar10/corruptions/{DECK}"]) == 6
 
 
-def test_a_missing_file_names_the_path_the_expected_hash_and_how_to_get_it(
-    lrr: tuple[nn.Module, dict[str, Any]],
-) -> None:
-    _, params = lrr
-    path = Path(params["model_dir"]) / "cifar10" / "corruptions" / f"{LRR}.pt"
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    defense = RobustBenchModel.create(params)
-    path.unlink()
-    with pytest.raises(robench.DataNotFoundError) as info:
-        defense.fit(context())
-    assert str(info.value) == (
-        f"robustbench model cifar10/corruptions/{LRR}: weights file(s) not found:\n"
-        f"  {path} (expected sha256 {digest})\n"
-        "on a machine with internet, fetch them with RobustBench's downloader: "
-        f"python -m robench.plugins.robustbench download {LRR} cifar10 corruptions DIR "
-        f"(or robustbench.utils.load_model('{LRR}', model_dir=DIR, dataset='cifar10', threat_model='corruptions')), "
-        f"then copy DIR/cifar10/corruptions/ to {path.parent}"
-    )
-
-
 def test_a_wrong_hash_names_the_file_the_expected_and_the_found_hash(lrr: tuple[nn.Module, dict[str, Any]]) -> None:
     _, params = lrr
     path = Path(params["model_dir"]) / "cifar10" / "corruptions" / f"{LRR}.pt"
@@ -195,22 +194,27 @@ def test_a_wrong_hash_names_the_file_the_expected_and_the_found_hash(lrr: tuple[
     assert f"robustbench weights file {path} has the wrong sha256: expected {expected}, found {found}." in str(
         info.value
     )
+    assert path.is_file()  # refused, not deleted: the user decides
 
 
-def test_unknown_names_suggest_near_matches(lrr: tuple[nn.Module, dict[str, Any]]) -> None:
+def test_unknown_names_suggest_near_matches_at_planning(lrr: tuple[nn.Module, dict[str, Any]]) -> None:
     _, params = lrr
-    with pytest.raises(robench.ConfigError, match=f"Close entries: cifar10/corruptions/{LRR}"):
-        RobustBenchModel.create({**params, "model_name": "Diffenderfer2021Winning_LR"})  # planning: the manifest
-    typo = RobustBenchModel.create({**params, "model_name": "Diffenderfer2021Winning_LR", "sha256": "0" * 64})
-    with pytest.raises(robench.ConfigError) as info:  # building: robustbench's zoo
-        typo.fit(context())
+    with pytest.raises(robench.ConfigError) as info:  # not in the manifest: RobustBench's zoo decides, at planning
+        RobustBenchModel.create({**params, "model_name": "Diffenderfer2021Winning_LR"})
     assert str(info.value).startswith(
         "RobustBench has no cifar10 corruptions model 'Diffenderfer2021Winning_LR'. Did you mean: "
         "Diffenderfer2021Winning_LRR"
     )
-    linf = RobustBenchModel.create({**params, "threat_model": "Linf", "sha256": "0" * 64})
+    assert f"Close entries of the manifest {params['manifest']}: cifar10/corruptions/{LRR}." in str(info.value)
     with pytest.raises(robench.ConfigError, match="It is a corruptions model: -D threat_model=corruptions"):
-        linf.fit(context())
+        RobustBenchModel.create({**params, "threat_model": "Linf", "sha256": "0" * 64})
+
+
+def test_a_zoo_model_outside_the_manifest_is_planned_and_trusted_on_first_use(tmp_path: Path) -> None:
+    params = {"model_name": "Engstrom2019Robustness", "dataset": "cifar10", "threat_model": "L2"}
+    defense = RobustBenchModel.create({**params, "manifest": write_manifest(tmp_path / "m.json", {})})
+    assert defense.sha256 == "" and defense.hashes() == []  # nothing pins it: its first use will
+    assert defense.network("cnn8") == "Engstrom2019Robustness (RobustBench)"  # no published facts shipped
 
 
 def test_dataset_mismatches_are_errors(lrr: tuple[nn.Module, dict[str, Any]]) -> None:
@@ -229,48 +233,6 @@ def test_dataset_mismatches_are_errors(lrr: tuple[nn.Module, dict[str, Any]]) ->
         RobustBenchModel.create({**params, "dataset": ""})  # e.g. --dataset fashion-mnist: no preset sets it
     with pytest.raises(robench.ConfigError, match="dataset='imagenet' is not one robench evaluates"):
         RobustBenchModel.create({**params, "dataset": "imagenet"})
-
-
-def test_an_unpinned_model_is_refused_with_the_hash_found_until_the_user_vouches_for_it(
-    lrr: tuple[nn.Module, dict[str, Any]],
-) -> None:
-    reference, params = lrr
-    path = Path(params["model_dir"]) / "cifar10" / "corruptions" / f"{LRR}.pt"
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    unpinned = write_manifest(
-        Path(params["model_dir"]) / "null.json", {f"cifar10/corruptions/{LRR}": {f"{LRR}.pt": None}}
-    )
-    with pytest.raises(robench.ConfigError) as info:
-        RobustBenchModel.create({**params, "manifest": unpinned})
-    assert str(info.value) == (
-        f"robustbench model cifar10/corruptions/{LRR}: the manifest {unpinned} does not pin its sha256 yet, so "
-        f"robench cannot tell the file(s) are RobustBench's release.\n  {path}: sha256 {digest}\n"
-        "If you trust them, pass -D sha256=<1 hash(es), comma-separated, in this order> (it goes into the model key "
-        f"and every row), or pin them: python -m robench.plugins.robustbench pin {params['model_dir']}"
-    )
-    vouched = RobustBenchModel.create({**params, "manifest": unpinned, "sha256": digest.upper()})
-    assert vouched.sha256 == digest and torch.equal(
-        vouched.fit(context())["model"](x := torch.rand(1, 3, 32, 32)), reference(x)
-    )
-    with pytest.raises(robench.ConfigError, match="is not the manifest's"):
-        RobustBenchModel.create({**params, "sha256": "ab" * 32})  # params' manifest pins another hash
-    with pytest.raises(robench.ConfigError, match="has 6 weights file\\(s\\)"):
-        RobustBenchModel.create({**params, "model_name": DECK, "manifest": unpinned, "sha256": digest}).fit(context())
-
-
-def test_pin_fills_a_manifest_from_a_folder_and_keeps_pinned_hashes(tmp_path: Path, narrow: None) -> None:
-    folder = tmp_path / "models" / "cifar10" / "corruptions"
-    single = release(seeded(zoo()[LRR]["model"], 3), folder / f"{LRR}.pt")
-    members = [release(m, folder / f"{DECK}.pt_m{i}.pt") for i, m in enumerate(seeded(zoo()[DECK]["model"], 4).models)]
-    manifest = tmp_path / "manifest.json"
-    write_manifest(manifest, {f"cifar10/corruptions/{LRR}": {f"{LRR}.pt": None}})
-    assert pin(tmp_path / "models", manifest) == 0
-    entries = json.loads(manifest.read_text())["models"]
-    assert entries[f"cifar10/corruptions/{LRR}"] == {f"{LRR}.pt": single}
-    assert list(entries[f"cifar10/corruptions/{DECK}"].values()) == members
-    release(seeded(zoo()[LRR]["model"], 5), folder / f"{LRR}.pt")
-    assert pin(tmp_path / "models", manifest) == 1  # a file that contradicts a pin is reported, not pinned
-    assert json.loads(manifest.read_text())["models"][f"cifar10/corruptions/{LRR}"] == {f"{LRR}.pt": single}
 
 
 def test_files_that_are_not_plain_weights_or_do_not_fit_are_refused(
@@ -353,14 +315,16 @@ def test_runner_rows_carry_the_weights_hash_and_new_weights_are_a_new_model(
     single = release(seeded(zoo()[LRR]["model"], 6), folder / f"{LRR}.pt")
     members = [release(m, folder / f"{DECK}.pt_m{i}.pt") for i, m in enumerate(seeded(zoo()[DECK]["model"], 7).models)]
     manifest = tmp_path / "manifest.json"
-    assert pin(tmp_path / "models", manifest) == 0
+    deck_files = {f"{DECK}.pt_m{i}.pt": h for i, h in enumerate(members)}
+    entries = {f"cifar10/corruptions/{LRR}": {f"{LRR}.pt": single}, f"cifar10/corruptions/{DECK}": deck_files}
+    write_manifest(manifest, entries)
     params = {"threat_model": "corruptions", "dataset": "cifar10", "model_dir": str(tmp_path / "models")}
 
     def evaluate(name: str, cache: str = "cache") -> pd.DataFrame:
         benchmark = robench.Benchmark(
             name="rb",
             datasets=("cifar-shaped",),  # a CIFAR-10-shaped dataset of one's own: -D dataset=cifar10
-            archs=("tinynet",),  # part of the key only: robustbench brings its own architecture
+            archs=("tinynet", "cnn8"),  # robustbench brings its own network: one model whatever --arch says
             defenses=tuple(
                 robench.PluginSpec.of("robustbench", {"model_name": m, **params, "manifest": str(manifest)})
                 for m in (LRR, DECK)
@@ -375,7 +339,15 @@ def test_runner_rows_carry_the_weights_hash_and_new_weights_are_a_new_model(
         return cells.set_index(cells["defense_params"].map(lambda p: json.loads(p)["model_name"]))
 
     first = evaluate("first")
-    assert (first["status"] == "ok").all() and (first["checks"] == "ok").all(), first[["error", "checks"]]
+    assert len(first) == 2 and (first["status"] == "ok").all(), first[["error", "checks"]]
+    assert (first["checks"] == "ok").all(), first["checks"]
+    assert first.loc[LRR, "arch"] == "WideResNet-18-2" and first.loc[DECK, "arch"] == "WideResNet-18-2 x6"
+    assert first.loc[LRR, "cell_id"].startswith("cifar-shaped/WideResNet-18-2/robustbench[")
+    published = leaderboard()[f"cifar10/corruptions/{LRR}"]  # beside robench's numbers, in every row
+    assert first.loc[LRR, "reference_clean_acc"] == published.clean_acc / 100 == 0.9666
+    assert first.loc[LRR, "reference_robust_acc"] == published.robust_acc / 100  # type: ignore[operator]
+    assert first.loc[LRR, "reference_source"].startswith(f"RobustBench model_info cifar10/corruptions/{LRR} @78fcc9e4")
+    assert not first["reference_followed"].any() and not first["flag_above_reference"].any()  # pgd is not it
     assert not first["flag_probability_outputs"].any()  # the deck presents log-probabilities
     assert first.loc[LRR, "weights_sha256"] == single and first.loc[DECK, "weights_sha256"] == ",".join(members)
     assert json.loads(first.loc[LRR, "defense_params"])["sha256"] == single

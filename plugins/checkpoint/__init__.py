@@ -48,7 +48,7 @@ from torch import Tensor, nn
 import robench
 from robench.plugins.checkpoint.archives import load_exported, load_torchscript, probe
 from robench.plugins.checkpoint.fitting import arch_hint, classes_hint, mismatches, split_model
-from robench.plugins.checkpoint.formats import detect_format, state_dict_of
+from robench.plugins.checkpoint.formats import archive_kind, detect_format, state_dict_of
 from robench.plugins.checkpoint.messages import config_error, dataset_name
 
 
@@ -92,6 +92,14 @@ class Checkpoint(robench.Defense):
         if expected and expected != actual:
             raise config_error(f"{file} has sha256 {actual}, not the sha256={expected} given: the file changed?")
         object.__setattr__(self, "sha256", actual)
+
+    def network(self, arch: str) -> str:
+        """``--arch`` for a state dict (it is loaded into that architecture); for an archive,
+        which holds its own network, where it came from: ``torchscript:FILE`` or ``torch.export:FILE``."""
+        kind = archive_kind(locate(self.path))
+        if kind is None:
+            return arch
+        return f"{'torch.export' if kind == 'export' else kind}:{Path(self.path).name}"
 
     def fit(self, ctx: robench.Context) -> dict[str, nn.Module]:
         """Load the model from the file, whose content must still have the planned hash."""

@@ -35,13 +35,9 @@ def detect_format(data: bytes, file: Path) -> str:
             members = zipfile.ZipFile(io.BytesIO(data)).namelist()
         except zipfile.BadZipFile as exc:
             raise config_error(f"{file} is a damaged zip archive: {exc}") from exc
-        inner = {m.split("/", 1)[1] for m in members if "/" in m}
-        if "constants.pkl" in inner and any(m.startswith("code/") for m in inner):
-            return "torchscript"
-        if "archive_format" in inner:
-            return "export"
-        if "data.pkl" in inner:
-            return "torch.save"
+        kind = _zip_kind(members)
+        if kind is not None:
+            return kind
         raise config_error(
             f"{file} is a zip archive but not one torch writes (members: {listing(members)}); {SAVE_INSTEAD}"
         )
@@ -51,6 +47,28 @@ def detect_format(data: bytes, file: Path) -> str:
     if 2 <= header <= len(data) - 8 and data[8:9] == b"{":
         return "safetensors"
     raise config_error(f"{file} is not a model file robench reads (it starts with {data[:8]!r}); {SAVE_INSTEAD}")
+
+
+def _zip_kind(members: list[str]) -> str | None:
+    """``torchscript``, ``export`` or ``torch.save`` from a torch zip archive's member names."""
+    inner = {m.split("/", 1)[1] for m in members if "/" in m}
+    if "constants.pkl" in inner and any(m.startswith("code/") for m in inner):
+        return "torchscript"
+    if "archive_format" in inner:
+        return "export"
+    return "torch.save" if "data.pkl" in inner else None
+
+
+def archive_kind(file: Path) -> str | None:
+    """``torchscript`` or ``export`` if ``file`` is an archive holding a whole model, else None.
+    Reads the zip directory only (cheap enough for planning); anything unreadable is left to
+    :func:`detect_format`, which explains it when the model is loaded."""
+    try:
+        with zipfile.ZipFile(file) as archive:
+            kind = _zip_kind(archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return None
+    return kind if kind in ("torchscript", "export") else None
 
 
 def state_dict_of(data: bytes, kind: str, file: Path) -> dict[str, Tensor]:

@@ -1,29 +1,32 @@
-"""``robustbench``: any model of RobustBench's zoo, by name, from local weights files.
+"""``robustbench``: any model of RobustBench's zoo, by name; its files downloaded when missing.
 
-    robench run --dataset cifar10 --defense robustbench \\
-        -D model_name=Diffenderfer2021Winning_LRR -D threat_model=corruptions --attack pgd
+    robench run --dataset cifar10 --defense robustbench -D model_name=Carmon2019Unlabeled \\
+        --protocol robustbench --sample-order first --n-samples 1000
 
 The architectures are RobustBench's own constructors (``robustbench.model_zoo``, package
 ``robustbench==1.1.1``, imported only when a model is built: compat.py); the weights come
-from a local folder in RobustBench's layout, ``{model_dir}/{dataset}/{threat_model}/{name}.pt``,
+from a folder in RobustBench's layout, ``{model_dir}/{dataset}/{threat_model}/{name}.pt``,
 and ``{name}.pt_m{i}.pt`` for member ``i`` of an ensemble (the CARD decks have 6).
 ``model_dir`` defaults to ``$ROBENCH_DATA/robustbench`` (``~/.cache/robench/data/robustbench``
-when ``$ROBENCH_DATA`` is unset), beside the CIFAR data. A run never downloads: on a machine
-with internet, ``python -m robench.plugins.robustbench download NAME DATASET THREAT_MODEL DIR``
-fetches the files with RobustBench's downloader (without loading them); copy ``DIR`` over.
+when ``$ROBENCH_DATA`` is unset), beside the CIFAR data. A file that is missing is
+downloaded by the build, from RobustBench's Google Drive ids, with RobustBench's own
+downloader (download.py); offline, one error names each file, its id and the folder.
+``robench zoo fetch NAME`` downloads ahead of a run (e.g. on another machine).
 
-**Hashes.** ``manifest.json`` (in this package) maps ``dataset/threat_model/name`` to the
-sha256 of each of the model's files; ``null`` means not pinned yet. The expected hashes are
-settled when the defense is created (at planning, before any compute) and stored in
-``sha256``, so they are part of the model cache key and of ``defense_params``: the cache
-can only ever serve the weights a row's ``weights_sha256`` names, and new weights are a new
-key. A file is hashed when it is read (a fresh build), and a wrong hash stops the build. A
-model the manifest does not pin is refused, with the hash of the file found, until the
-user vouches for it (``-D sha256=...``, comma-separated for an ensemble's members) or pins
-it: accepting any file would give rows whose weights nobody checked, and a hash computed
-only at fit time could not be part of the key. To pin, with the files at hand:
-``python -m robench.plugins.robustbench pin DIR`` (``--manifest FILE`` for a manifest of
-your own, given to the defense as ``-D manifest=FILE``), then commit the manifest.
+**Hashes.** A file is hashed each time a build reads it, from the bytes it loads. The
+expected sha256 is ``-D sha256=...`` (comma-separated for an ensemble's members) or the
+manifest's (``manifest.json`` in this package, or ``-D manifest=FILE``, written by ``robench
+zoo pin``); these are settled at planning and are part of the model key. A file neither
+pins is trusted on first use (pins.py): its hash is recorded in ``<cache>/robustbench/pins.json``
+once it has loaded, and every later use must match; a changed file is refused with both
+hashes. The hash of each file is also stored in the model (a buffer), so every row's
+``weights_sha256`` names the file its weights came from, from robench's model cache too.
+
+**Published numbers.** Each variant carries RobustBench's published clean and robust (or mean
+corruption) accuracy (facts.py, shipped as ``leaderboard.json``); rows show them beside
+robench's, and a cell that repeats the leaderboard's evaluation (the ``robustbench`` or
+``corruptions`` protocol, the leaderboard's eps, ``--sample-order first``) is flagged when
+robench's robust accuracy is above the published one by more than its 95 % interval.
 
 **Outputs.** Ensembles that average their members' softmax (the CARD decks,
 ``Chen2020Adversarial``) are presented as the log of that average
@@ -35,15 +38,21 @@ Other models return their logits.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal, cast
 
+import click
 from torch import nn
 
 import robench
 from robench.plugins.robustbench.compat import zoo_entry
+from robench.plugins.robustbench.download import Remote, fetch
+from robench.plugins.robustbench.facts import leaderboard
+from robench.plugins.robustbench.pins import Pins, check, default_cache
+from robench.plugins.robustbench.protocol import RobustBenchProtocol
 from robench.plugins.robustbench.weights import (
     DATASETS,
     HEX,
@@ -51,35 +60,39 @@ from robench.plugins.robustbench.weights import (
     SOFTMAX_ENSEMBLES,
     LogMeanSoftmax,
     data_root,
-    how_to_get,
+    hashes_of,
     load_into,
     read_manifest,
     read_weights,
-    sha256_file,
     weight_files,
+    with_hashes,
     zoo_state_dict,
 )
 
 
 @dataclass(frozen=True, kw_only=True)
 class RobustBenchModel(robench.Defense):
-    """A RobustBench model zoo entry, loaded from local weights files checked by sha256.
+    """A RobustBench model zoo entry, its weights files downloaded when missing and checked by sha256.
 
     Args:
-        model_name: RobustBench's model name, e.g. ``Diffenderfer2021Winning_LRR_CARD_Deck``.
+        model_name: RobustBench's model name, e.g. ``Carmon2019Unlabeled`` (``robench zoo`` lists them).
         threat_model: RobustBench's zoo: ``Linf`` (its default), ``L2`` or ``corruptions``.
         dataset: the dataset the model was trained for (``cifar10``, ``cifar100``); the
             presets set it to the cell's dataset. Give it to evaluate on a dataset of your own
             with the same images and classes (e.g. a local CIFAR-10-C plugin).
         sha256: the expected sha256 of the weights file (comma-separated, in member order, for
-            an ensemble); empty: the manifest's. Filled in at creation, so it is in the model
-            key and in ``defense_params``.
+            an ensemble); empty: the manifest's, or, where it pins none, the hash recorded at
+            the file's first use (trust on first use). Given or from the manifest, it is part
+            of the model key and of ``defense_params``.
         model_dir: RobustBench's ``model_dir``; empty: ``$ROBENCH_DATA/robustbench``
             (``~/.cache/robench/data/robustbench`` when ``$ROBENCH_DATA`` is unset).
-        manifest: a manifest JSON file of your own; empty: the one robench ships.
+        manifest: a manifest JSON file of your own (``robench zoo pin`` writes one); empty:
+            the one robench ships.
     """
 
     name: ClassVar[str] = "robustbench"
+    # 2: the model holds the sha256 of its files (a buffer), and unpinned files are trusted on first use
+    revision: ClassVar[int] = 2
     # Not hyperparameters: the cell's dataset, set at planning so that each dataset of a grid
     # gets its own model and pinned hash (see __post_init__); any other dataset needs -D dataset.
     presets: ClassVar[dict[str, dict[str, object]]] = {
@@ -98,7 +111,7 @@ class RobustBenchModel(robench.Defense):
         """Check the names and settle the expected hashes, at planning, before any compute."""
         if not self.model_name:
             raise robench.ConfigError(
-                "the robustbench defense needs -D model_name=MODEL, e.g. Diffenderfer2021Winning_LRR"
+                "the robustbench defense needs -D model_name=MODEL, e.g. Carmon2019Unlabeled (robench zoo lists them)"
             )
         if self.dataset not in DATASETS:
             got = f"dataset={self.dataset!r}" if self.dataset else "this cell's dataset"
@@ -118,12 +131,14 @@ class RobustBenchModel(robench.Defense):
         root = Path(self.model_dir).expanduser() if self.model_dir else data_root() / "robustbench"
         return root / self.dataset / self.threat_model
 
-    def _how_to_get(self) -> str:
-        return how_to_get(self.model_name, self.dataset, self.threat_model, self.folder())
+    def network(self, arch: str) -> str:
+        """RobustBench's architecture, whatever ``--arch`` says (e.g. ``WideResNet-28-10``)."""
+        facts = leaderboard().get(self.key)
+        return facts.network if facts else f"{self.model_name} (RobustBench)"
 
     def hashes(self) -> list[str]:
-        """The expected sha256 of each weights file, in member order."""
-        return self.sha256.split(",")
+        """The expected sha256 of each weights file, in member order; empty: trust on first use."""
+        return self.sha256.split(",") if self.sha256 else []
 
     def _expected(self) -> list[str]:
         manifest = Path(self.manifest).expanduser() if self.manifest else MANIFEST
@@ -133,14 +148,8 @@ class RobustBenchModel(robench.Defense):
             raise robench.ConfigError(f"robustbench: sha256 must be 64 hex digits per file, got {self.sha256!r}")
         entry = entries.get(self.key)
         if entry is None:
-            if given:
-                return given
-            close = difflib.get_close_matches(self.key, list(entries), n=3, cutoff=0.6)
-            hint = f" Close entries: {', '.join(close)}." if close else ""
-            raise robench.ConfigError(
-                f"robustbench model {self.key} is not in the manifest {manifest}.{hint} For another RobustBench "
-                f"model, pass the sha256 of its file(s) (-D sha256=...), having checked them:\n{self._found(1)}"
-            )
+            self._check_name(entries, manifest)
+            return given
         files = weight_files(self.model_name, len(entry))
         if sorted(entry) != sorted(files):
             raise robench.ConfigError(f"manifest {manifest}: {self.key} lists {sorted(entry)}, expected {files}")
@@ -150,26 +159,20 @@ class RobustBenchModel(robench.Defense):
             raise robench.ConfigError(
                 f"robustbench model {self.key}: sha256={self.sha256} is not the manifest's "
                 f"{','.join(map(str, pinned))} ({manifest}); for other weights, pin them in a manifest of your "
-                "own (-D manifest=FILE)"
+                "own (robench zoo pin --manifest FILE, then -D manifest=FILE)"
             )
-        if all(pinned):
-            return cast(list[str], pinned)
-        if len(given) != len(files):
-            raise robench.ConfigError(
-                f"robustbench model {self.key}: the manifest {manifest} does not pin its sha256 yet, so robench "
-                f"cannot tell the file(s) are RobustBench's release.\n{self._found(len(files))}\nIf you trust them, "
-                f"pass -D sha256=<{len(files)} hash(es), comma-separated, in this order> (it goes into the model key "
-                f"and every row), or pin them: python -m robench.plugins.robustbench pin {self.folder().parents[1]}"
-            )
-        return given
+        return given or (cast(list[str], pinned) if all(pinned) else [])
 
-    def _found(self, count: int) -> str:
-        """Each file the model would load, with its sha256 (or how to get it, when absent)."""
-        paths = [self.folder() / f for f in weight_files(self.model_name, count)]
-        found = "\n".join(f"  {p}: " + (f"sha256 {sha256_file(p)}" if p.is_file() else "not there") for p in paths)
-        if all(p.is_file() for p in paths):
-            return found
-        return f"{found}\nTo get the file(s): {self._how_to_get()}"
+    def _check_name(self, entries: dict[str, dict[str, str | None]], manifest: Path) -> None:
+        """A model the manifest does not list must be in RobustBench's zoo (importing robustbench: seconds)."""
+        try:
+            zoo_entry(self.dataset, self.threat_model, self.model_name)
+        except robench.ConfigError as exc:
+            names = {key.rsplit("/", 1)[1] for key in entries}  # names, not keys: every key shares a prefix
+            similar = difflib.get_close_matches(self.model_name, sorted(names), n=3, cutoff=0.6)
+            close = [k for k in entries if k.startswith(f"{self.dataset}/") and k.rsplit("/", 1)[1] in similar]
+            hint = f" Close entries of the manifest {manifest}: {', '.join(close)}." if close else ""
+            raise robench.ConfigError(f"{exc}{hint}") from None
 
     def _check_data(self, ctx: robench.Context) -> None:
         if ctx.dataset in DATASETS and ctx.dataset != self.dataset:
@@ -184,8 +187,8 @@ class RobustBenchModel(robench.Defense):
                 f"{ctx.dataset or '?'} has {s.channels}x{s.height}x{s.width} images in {s.num_classes}"
             )
 
-    def _architecture(self) -> tuple[Callable[[], nn.Module], list[str]]:
-        """RobustBench's constructor for the model, and the file of each part it loads."""
+    def _architecture(self) -> tuple[Callable[[], nn.Module], list[Remote]]:
+        """RobustBench's constructor for the model, and the file (with its Drive id) of each part it loads."""
         entry = zoo_entry(self.dataset, self.threat_model, self.model_name)
         ids = entry["gdrive_id"]
         if ids is None or (isinstance(ids, list) and self.model_name not in SOFTMAX_ENSEMBLES):
@@ -193,57 +196,85 @@ class RobustBenchModel(robench.Defense):
                 f"robustbench model {self.key} is not supported: robench loads single models kept as weights "
                 f"files, and the ensembles that average softmax ({', '.join(sorted(SOFTMAX_ENSEMBLES))})"
             )
-        files = weight_files(self.model_name, len(ids) if isinstance(ids, list) else 1)
-        if len(files) != len(self.hashes()):
+        ids = ids if isinstance(ids, list) else [ids]
+        files = weight_files(self.model_name, len(ids))
+        if self.hashes() and len(files) != len(self.hashes()):
             raise robench.ConfigError(
                 f"robustbench model {self.key} has {len(files)} weights file(s) ({', '.join(files)}), "
                 f"but {len(self.hashes())} sha256 value(s) were given"
             )
-        return entry["model"], files
+        return entry["model"], [Remote(f, i) for f, i in zip(files, ids, strict=True)]
 
     def fit(self, ctx: robench.Context) -> dict[str, nn.Module]:
-        """Build RobustBench's architecture and load the checked weights files into it."""
+        """Download what is missing, build RobustBench's architecture, load the checked files into it."""
         self._check_data(ctx)
-        make, files = self._architecture()
-        paths = [self.folder() / f for f in files]
-        missing = [(p, h) for p, h in zip(paths, self.hashes(), strict=True) if not p.is_file()]
-        if missing:
-            raise robench.DataNotFoundError(
-                f"robustbench model {self.key}: weights file(s) not found:\n"
-                + "".join(f"  {p} (expected sha256 {h})\n" for p, h in missing)
-                + self._how_to_get()
-            )
+        make, remotes = self._architecture()
+        fetch(self.key, self.folder(), remotes, ctx.progress.log)
         model = make()
-        parts = list(cast(nn.ModuleList, model.models)) if len(paths) > 1 else [model]
-        for part, path, expected in zip(parts, paths, self.hashes(), strict=True):
-            found = sha256_file(path)
-            if found != expected:
-                raise robench.CacheError(
-                    f"robustbench weights file {path} has the wrong sha256: expected {expected}, found {found}. "
-                    f"It is not the file pinned for {self.key} (a partial download, another release or another "
-                    f"model); {self._how_to_get()}"
-                )
-            state = zoo_state_dict(read_weights(path), self.model_name, member=len(paths) > 1)
+        parts = list(cast(nn.ModuleList, model.models)) if len(remotes) > 1 else [model]
+        pins = Pins(ctx.cache_root or default_cache())
+        expected: Sequence[str | None] = self.hashes() or [None] * len(remotes)
+        found, first_use = [], []
+        for part, remote, wanted in zip(parts, remotes, expected, strict=True):
+            path = self.folder() / remote.file
+            data = path.read_bytes()  # one read: the bytes hashed are the bytes loaded
+            digest = hashlib.sha256(data).hexdigest()
+            if check(pins, self._pin_key(remote), path, digest, wanted):
+                first_use.append((remote, path, digest))
+            state = zoo_state_dict(read_weights(data, path), self.model_name, member=len(remotes) > 1)
             ignored = load_into(part, state, path)
             shown = ", ".join(ignored[:3]) + (", ..." if len(ignored) > 3 else "")
             extra = f"; ignored {len(ignored)} extra tensors ({shown})" if ignored else ""
-            ctx.progress.log(f"robustbench: {path} (sha256 {found[:12]}){extra}")
-        return {"model": self._present(model)}
+            ctx.progress.log(f"robustbench: {path} (sha256 {digest[:12]}){extra}")
+            found.append(digest)
+        for remote, path, digest in first_use:  # recorded only once every file has loaded
+            pinned = pins.record(self._pin_key(remote), digest, path)
+            check(pins, self._pin_key(remote), path, digest, None)  # another process pinned another file meanwhile
+            ctx.progress.log(
+                f"robustbench: first use of {path}: sha256 {pinned.sha256} recorded in {pins.path}; a later run "
+                "refuses the file if it changes (robench zoo pin writes a manifest to commit)"
+            )
+        return {"model": self._present(model, found)}
+
+    def _pin_key(self, remote: Remote) -> str:
+        return f"{self.dataset}/{self.threat_model}/{remote.file}"
 
     def skeletons(self, ctx: robench.Context) -> dict[str, nn.Module]:
         """RobustBench's architecture as :meth:`fit` presents it, to load cached weights into."""
         self._check_data(ctx)
-        return {"model": self._present(self._architecture()[0]())}
+        make, remotes = self._architecture()
+        return {"model": self._present(make(), len(remotes))}
 
-    def _present(self, model: nn.Module) -> nn.Module:
-        return (LogMeanSoftmax(model) if self.model_name in SOFTMAX_ENSEMBLES else model).eval()
+    def _present(self, model: nn.Module, hashes: list[str] | int) -> nn.Module:
+        shown = LogMeanSoftmax(model) if self.model_name in SOFTMAX_ENSEMBLES else model
+        return with_hashes(shown, hashes).eval()
 
     def variant(self, name: str, model: nn.Module) -> robench.Variant:
-        """The model with the sha256 of its weights file(s), for the row."""
-        return robench.Variant(name=name, model=model, weights_sha256=self.sha256)
+        """The model with the sha256 of the files its weights came from, and RobustBench's published numbers."""
+        facts = leaderboard().get(self.key)
+        return robench.Variant(
+            name=name,
+            model=model,
+            weights_sha256=",".join(hashes_of(model)),
+            reference=facts.reference() if facts else None,
+        )
 
 
 @robench.hookimpl
 def robench_defenses() -> list[type[robench.Defense]]:
     """robustbench."""
     return [RobustBenchModel]
+
+
+@robench.hookimpl
+def robench_protocols() -> list[type[robench.ProtocolDef]]:
+    """robustbench: the leaderboard's AutoAttack evaluation."""
+    return [RobustBenchProtocol]
+
+
+@robench.hookimpl
+def robench_commands() -> list[click.Command]:
+    """``robench zoo``: list, fetch and pin RobustBench models."""
+    from robench.plugins.robustbench.cli import zoo
+
+    return [zoo]

@@ -8,6 +8,7 @@ RobustBench's own ``load_model`` downloads what is missing and reads each file w
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -42,11 +43,8 @@ FILE_NAME = re.compile(r"(?P<name>.+?)\.pt(?:_m(?P<member>\d+)\.pt)?")
 
 def sha256_file(path: Path) -> str:
     """The file's sha256, read in 1 MiB chunks (weights files are hundreds of MB)."""
-    h = hashlib.sha256()
     with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_manifest(path: Path) -> dict[str, dict[str, str | None]]:
@@ -76,20 +74,11 @@ def data_root() -> Path:
     return Path(value).expanduser() if value else Path("~/.cache/robench/data").expanduser()
 
 
-def how_to_get(name: str, dataset: str, threat_model: str, folder: Path) -> str:
-    """Where the files come from, for the messages."""
-    return (
-        "on a machine with internet, fetch them with RobustBench's downloader: "
-        f"python -m robench.plugins.robustbench download {name} {dataset} {threat_model} DIR "
-        f"(or robustbench.utils.load_model({name!r}, model_dir=DIR, dataset={dataset!r}, "
-        f"threat_model={threat_model!r})), then copy DIR/{dataset}/{threat_model}/ to {folder}"
-    )
-
-
-def read_weights(path: Path) -> dict[str, Any]:
-    """A checkpoint's tensors, with ``weights_only=True`` (robustbench itself unpickles freely)."""
+def read_weights(data: bytes, path: Path) -> dict[str, Any]:
+    """A checkpoint's tensors from the file's bytes (the bytes that were hashed), with
+    ``weights_only=True`` (robustbench itself unpickles freely)."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
         raise robench.CacheError(
             f"{path} does not load as weights with torch.load(weights_only=True) (robench never unpickles "
@@ -157,3 +146,25 @@ class LogMeanSoftmax(nn.Module):
         z = (x - mu) / sigma
         log_p = torch.stack([member(z).log_softmax(dim=1) for member in members])
         return torch.logsumexp(log_p, dim=0) - math.log(len(members))
+
+
+SHA_BUFFER = "robench_weights_sha256"
+"""A buffer of the presented model: the sha256 of each weights file it was loaded from, so
+that a copy from robench's model cache still says which files its weights came from."""
+
+
+def with_hashes(model: nn.Module, hashes: list[str] | int) -> nn.Module:
+    """``model`` with its :data:`SHA_BUFFER` (zeros for ``count`` files when given a count: a
+    skeleton the cache loads into)."""
+    if isinstance(hashes, int):
+        data = torch.zeros(hashes, 32, dtype=torch.uint8)
+    else:
+        data = torch.tensor([list(bytes.fromhex(h)) for h in hashes], dtype=torch.uint8)
+    model.register_buffer(SHA_BUFFER, data)
+    return model
+
+
+def hashes_of(model: nn.Module) -> list[str]:
+    """The sha256 of each file ``model`` was loaded from (its :data:`SHA_BUFFER`)."""
+    data = cast(Tensor, getattr(model, SHA_BUFFER))
+    return [bytes(row.tolist()).hex() for row in data]

@@ -211,7 +211,14 @@ def list_cmd(kind: str | None, name: str | None) -> None:
         click.echo(f"{name}:")
         for entry_name, entry in getattr(registries, name):
             provider = f"{entry.plugin.display_name} {entry.plugin.version}"
-            click.echo(f"  {entry_name:<16} {provider:<36} {entry.cls.summary()}")
+            click.echo(f"  {entry_name:<16} {provider:<36} {_threats(name, entry.cls)}{entry.cls.summary()}")
+
+
+def _threats(kind: str, cls: Any) -> str:
+    """An attack ``--attack`` cannot take (a common corruption has no radius) says how to use it."""
+    if kind == "attacks" and not set(cls.norms) & {"linf", "l2"}:
+        return f"[{', '.join(sorted(cls.norms))}: use --protocol corruptions] "
+    return ""
 
 
 @cli.command()

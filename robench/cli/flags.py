@@ -135,6 +135,15 @@ def benchmark_options(func: F) -> F:
         ),
         click.option("--sample-seed", type=int, default=0, show_default=True, help="Seed of that subset."),
         click.option(
+            "--sample-order",
+            type=click.Choice(["random", "first"]),
+            default="random",
+            show_default=True,
+            help="random: the subset is drawn with --sample-seed. first: the first --n-samples test images in "
+            "order, as RobustBench's leaderboard (--protocol robustbench) evaluates. In a benchmark file: "
+            "[evaluation] sample_order.",
+        ),
+        click.option(
             "--batch-size",
             type=int,
             default=250,
@@ -178,6 +187,7 @@ def _benchmark(opts: dict[str, Any], exhaustive: bool = False) -> Benchmark:
         preset=opts["preset"],
         n_samples=opts["n_samples"],
         sample_seed=opts["sample_seed"],
+        sample_order=opts["sample_order"],
         batch_size=opts["batch_size"],
         shard_size=opts["shard_size"],
         exhaustive=exhaustive,

@@ -20,6 +20,7 @@ from robench.execute.modelcheck import check_columns
 from robench.execute.rows import now, sample_rows, scores
 from robench.execute.shards import Part, concat
 from robench.execute.versions import Version
+from robench.results.reference import reference_columns
 from robench.results.storage import CellResult
 
 
@@ -67,9 +68,11 @@ def assemble_row(inputs: RowInputs, key_columns: dict[str, Any], indices: torch.
     out = concat(parts)
     prepared, checks = inputs.prepared, inputs.prepared.checks
     added = inputs.versions[inputs.own :] if checks.vanishing else []
+    measured = scores(out, len(indices))
     row = {
         **key_columns,
-        **scores(out, len(indices)),
+        **measured,
+        **reference_columns(inputs.cell, prepared.reference, measured["robust_ci_low"]),
         **check_columns(checks, prepared.declared_randomized, out, added),
         **corruption_columns(inputs.cell.protocol, inputs.versions, out),
         **prepared.facts,

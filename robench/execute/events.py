@@ -17,6 +17,7 @@ import torch
 
 from robench.cell import Cell, ModelKey
 from robench.context import Progress
+from robench.defense import Reference
 from robench.execute.modelcheck import ModelChecks
 from robench.execute.shards import Part
 from robench.protocol import Protocol as EvalProtocol
@@ -58,6 +59,7 @@ class Prepared:
     :param model_hash: the model cache folder's name
     :param started_at: when the cell's preparation started
     :param provenance: where and when the preparation ran (for the executors' timelines)
+    :param reference: the variant's published evaluation, if it has one
     """
 
     checks: ModelChecks
@@ -68,6 +70,7 @@ class Prepared:
     model_hash: str
     started_at: dt.datetime
     provenance: dict[str, Any] = field(default_factory=dict)
+    reference: Reference | None = None
 
 
 @dataclass(frozen=True)

@@ -92,7 +92,9 @@ def prepare_cell(
         **dataclasses.asdict(eff),
     }
     protocol = session.masking_protocol(cell) if checks.vanishing else p
-    return Prepared(checks, protocol, declared.randomized, facts, build_seconds, model_hash, started)
+    return Prepared(
+        checks, protocol, declared.randomized, facts, build_seconds, model_hash, started, reference=declared.reference
+    )
 
 
 def _check(

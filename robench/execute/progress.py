@@ -25,13 +25,25 @@ class _TqdmBar(ProgressBar):
 
 
 class _LogBar(ProgressBar):
-    """Off-terminal progress: one status line per ``every`` seconds (never per step), so a
-    long training phase in a CI log or a background run shows it is alive and when it ends."""
+    """Off-terminal progress: a line when the phase starts and when it ends, and a status
+    line per ``every`` seconds in between (never per step), so a CI log or a background run
+    shows every phase, short ones included, and a long one shows it is alive."""
 
     def __init__(self, total: int, desc: str, every: float) -> None:
         self.total, self.desc, self.every = total, desc, every
         self.done = 0
+        self.closed = False
         self.start = self.last = time.monotonic()
+        tqdm.write(f"{desc}: started ({total} steps)", file=sys.stderr)
+
+    def close(self) -> None:
+        """The phase's end line: steps done and time taken (once)."""
+        if self.closed:
+            return
+        self.closed = True
+        tqdm.write(
+            f"{self.desc}: ended, {self.done}/{self.total} in {_clock(time.monotonic() - self.start)}", file=sys.stderr
+        )
 
     def update(self, n: int = 1, **postfix: float) -> None:
         self.done += n

@@ -76,8 +76,10 @@ class Session:
         return self._data[dataset, split]
 
     def eval_indices(self, dataset: str) -> torch.Tensor:
-        """The reproducible evaluation subset of the test split."""
+        """The reproducible evaluation subset of the test split (the first n with ``sample_order`` first)."""
         n = len(self.data(dataset, "test"))
+        if self.benchmark.sample_order == "first":
+            return torch.arange(min(n, self.benchmark.n_samples))
         return subset_indices(n, self.benchmark.n_samples, self.benchmark.sample_seed)
 
     def model_key(self, dataset: str, arch: str, spec: PluginSpec, seed: int) -> ModelKey:
@@ -102,6 +104,7 @@ class Session:
             default_eps=dataset_cls.default_eps["linf"],
             progress=self.progress,
             dataset=key.dataset,
+            cache_root=self.cache.root,
             get_models=lambda name, params: self.models(
                 self.model_key(key.dataset, key.arch, PluginSpec.of(name, params), key.seed)
             )[0],
@@ -161,7 +164,8 @@ class Session:
         """Build (or load) the group's model, then prepare each of its cells: a
         :class:`CellStarted`, then its :class:`CellPrepared` (or an ``error`` row)."""
         key = group.key
-        self.progress.log(f"building {key.dataset}/{key.arch}/{key.defense_label}/seed={key.seed}")
+        what = f"{key.dataset}/{key.evaluated_arch}/{key.defense_label}/seed={key.seed}"
+        self.progress.log(f"building {what}")
         started = now()
         try:
             models, build_seconds, model_hash = self.models(key)
@@ -170,9 +174,13 @@ class Session:
             for cell in group.cells:
                 yield self.error(cell, f"{key.defense}.build", exc)
             return
-        self.progress.log(f"built {key.defense_label}/seed={key.seed} ({'built' if build_seconds else 'cached'})")
+        # off a terminal, bars print only every minute: these lines show each phase in a log
+        self.progress.log(
+            f"built {what} in {build_seconds:.1f} s" if build_seconds else f"{what}: from the model cache"
+        )
         build = {"build_started": started.timestamp(), "build_finished": now().timestamp()}
         for cell in group.cells:
+            self.progress.log(f"cell {cell.id}: started")
             yield CellStarted(cell.key)
             try:
                 make_variant = functools.partial(defense.variant, cell.variant, models[cell.variant])
@@ -284,7 +292,7 @@ class Session:
             "cell_key": cell.key,
             "cell_id": cell.id,
             "dataset": m.dataset,
-            "arch": m.arch,
+            "arch": m.evaluated_arch,
             "defense": m.defense,
             "defense_params": m.defense_params,
             "preset": m.preset,
@@ -297,13 +305,16 @@ class Session:
             "eps": cell.eps,
             "seed": m.seed,
             "sample_seed": cell.sample_seed,
+            "sample_order": cell.sample_order,
             **self.provenance,
         }
 
     def error(self, cell: Cell, where: str, exc: BaseException) -> CellResult:
-        """The ``error`` row of ``cell``, whose ``where`` raised ``exc`` (logged with its traceback)."""
-        text = "".join(traceback.format_exception(exc))
-        self.progress.log(f"ERROR {cell.id}: {where} raised {type(exc).__name__}: {exc}\n{text}")
+        """The ``error`` row of ``cell``, whose ``where`` raised ``exc`` (a bug is logged with its traceback;
+        a :class:`robench.RobenchError` says what to do already, and the runner prints it with the row)."""
+        if not isinstance(exc, robench.RobenchError):
+            text = "".join(traceback.format_exception(exc))
+            self.progress.log(f"ERROR {cell.id}: {where} raised {type(exc).__name__}: {exc}\n{text}")
         row = {
             **self.key_columns(cell),
             "status": "error",

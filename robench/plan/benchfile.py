@@ -37,7 +37,7 @@ TOP_KEYS = (
     "protocols",
 )
 GRID_KEYS = ("dataset", "arch", "defense", "protocol", "attack", "eps", "seed", "exclude")
-EVALUATION_KEYS = ("n_samples", "sample_seed", "batch_size", "shard_size")
+EVALUATION_KEYS = ("n_samples", "sample_seed", "batch_size", "shard_size", "sample_order")
 INLINE_PROTOCOL_KEYS = ("uses", "surrogates", "eot", "votes")
 USE_KEYS = ("attack", "params", "source")
 SURROGATE_KEYS = ("name", "defense", "params", "seeds", "arch")
@@ -104,7 +104,8 @@ def _benchmark(data: dict[str, Any], stem: str) -> Benchmark:
     _check_keys(evaluation, EVALUATION_KEYS, "[evaluation] key")
     values: dict[str, Any] = {"name": _name(_scalar(data, "name", str, stem))}
     values.update({key: _scalar(data, key, str, None) for key in ("preset", "norm") if key in data})
-    values.update({key: _scalar(evaluation, key, int, None, "[evaluation]") for key in evaluation})
+    kinds = {"sample_order": str}  # the others are integers
+    values.update({key: _scalar(evaluation, key, kinds.get(key, int), None, "[evaluation]") for key in evaluation})
     for axis, field in (("dataset", "datasets"), ("arch", "archs")):
         if axis in grid:
             values[field] = tuple(_strings(grid[axis], f"grid.{axis}"))

@@ -25,6 +25,10 @@ DEFAULT_SHARD_SIZE = 250
 stay one shard or two; RobustBench's 10,000 CIFAR images under AutoAttack become 40 shards,
 each minutes of work on one GPU for a WideResNet-28-10: 5 full rounds on 8 GPUs, where shards
 of 500 would leave 4 of 8 GPUs idle in the last round (benchmarks/shards.py simulates both)."""
+SAMPLE_ORDERS = ("random", "first")
+"""How the evaluation subset is drawn from the test split: ``random`` (a reproducible draw
+seeded by ``sample_seed``) or ``first`` (indices 0..n-1, in order, as RobustBench's
+leaderboard evaluates)."""
 EXCLUDE_KEYS = ("dataset", "arch", "defense", "variant", "protocol", "attack", "eps", "seed")
 """What an exclude entry may match on: the grid's axes, plus each defense's variants."""
 
@@ -63,6 +67,8 @@ class Benchmark:
     """How it is executed (:mod:`robench.plan.execution`): changes no number, so it is in
     neither the config hash nor :meth:`to_json`."""
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    sample_order: str = "random"
+    """:data:`SAMPLE_ORDERS`; in the config hash and the manifest only when not ``random``."""
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -73,6 +79,11 @@ class Benchmark:
             raise ConfigError("a benchmark needs at least one defense and one attack or protocol")
         for eps in self.eps:
             Threat(self.norm, eps)  # an eps out of range fails here, before any plugin loads
+        if self.sample_order not in SAMPLE_ORDERS:
+            close = difflib.get_close_matches(str(self.sample_order), SAMPLE_ORDERS, n=1)
+            hint = f" Did you mean: {close[0]}?" if close else ""
+            orders = ", ".join(SAMPLE_ORDERS)
+            raise ConfigError(f"unknown sample order {self.sample_order!r}.{hint} Use one of {orders}")
         if self.n_samples < 1 or self.batch_size < 1 or self.shard_size < 1:
             raise ConfigError("n_samples, batch_size and shard_size must be >= 1")
         if not self.seeds:
@@ -87,6 +98,8 @@ class Benchmark:
         out.pop("execution")
         if not self.exclude:
             del out["exclude"]  # keeps the hashes (and run folders) of benchmarks written before it
+        if self.sample_order == "random":
+            del out["sample_order"]  # likewise: the default order is the one every earlier run used
         return out
 
     def config_hash(self) -> str:

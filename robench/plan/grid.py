@@ -24,7 +24,18 @@ from robench.protocol import CLEAN_SOURCE, Protocol, single_attack
 
 def model_key(defense: Defense, dataset: str, arch: str, spec: PluginSpec, seed: int, preset: str) -> ModelKey:
     """The key of the resolved ``defense`` (from ``spec`` and ``preset``) on ``dataset``/``arch``."""
-    return ModelKey(dataset, arch, spec.name, defense.canonical(), spec.label(), seed, preset, defense.model_revision())
+    network = defense.network(arch)
+    return ModelKey(
+        dataset,
+        arch,
+        spec.name,
+        defense.canonical(),
+        spec.label(),
+        seed,
+        preset,
+        defense.model_revision(),
+        network="" if network == arch else network,
+    )
 
 
 def resolve_defense(registries: Registries, spec: PluginSpec, preset: str, dataset: str) -> Defense:
@@ -41,6 +52,11 @@ def resolve_attack(registries: Registries, spec: PluginSpec, norm: Norm) -> Atta
     """The attack instance for ``spec``, checked against the threat norm."""
     cls = registries.attacks.get(spec.name)
     if norm not in cls.norms:
+        if cls.norms == frozenset({"corruption"}):  # listed with the attacks, but not an attack of a radius
+            raise ConfigError(
+                f"{spec.name!r} is a common corruption, not an attack within a {norm} radius: evaluate corruptions "
+                "with --protocol corruptions (-P corruptions=[...] -P severities=[...] for a subset)"
+            )
         raise ConfigError(f"attack {spec.name!r} supports {', '.join(sorted(cls.norms))}, not {norm}")
     return cls.create(spec.param_dict())
 
@@ -80,16 +96,32 @@ def plan(benchmark: Benchmark, registries: Registries) -> list[Cell]:
         registries.architectures.get(name)
     protocols = resolve_protocols(benchmark, registries)
     cells = []
+    own_networks: set[tuple[str, str, int]] = set()
     for dataset in benchmark.datasets:
         eps_grid = _eps_grid(benchmark, registries, dataset)
         for arch, spec, seed in itertools.product(benchmark.archs, benchmark.defenses, benchmark.seeds):
             defense = resolve_defense(registries, spec, benchmark.preset, dataset)
             key = model_key(defense, dataset, arch, spec, seed, benchmark.preset)
+            if key.network:  # its own network, whatever --arch says: one model, not one per architecture
+                if (dataset, key.defense_label, seed) in own_networks:
+                    continue
+                own_networks.add((dataset, key.defense_label, seed))
             for variant, protocol in itertools.product(defense.variant_names(), protocols):
                 # a protocol that fixes its threat (corruptions) has one cell per model, at eps 0
                 norm, grid = (protocol.norm, (0.0,)) if protocol.norm else (benchmark.norm, eps_grid)
                 for eps in grid:
-                    cells.append(Cell(key, variant, protocol, norm, eps, benchmark.n_samples, benchmark.sample_seed))
+                    cells.append(
+                        Cell(
+                            key,
+                            variant,
+                            protocol,
+                            norm,
+                            eps,
+                            benchmark.n_samples,
+                            benchmark.sample_seed,
+                            benchmark.sample_order,
+                        )
+                    )
     _check_unique(cells)
     return apply_excludes(cells, benchmark.exclude)
 

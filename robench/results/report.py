@@ -21,6 +21,7 @@ import pandas as pd
 from robench.results.check import load_cells
 from robench.results.corruption_report import corruption_report, is_corruption
 from robench.results.figures import figure, slug
+from robench.results.reference_report import reference_section
 from robench.results.storage import describe_schema
 
 SECTION = ["protocol_label", "dataset", "arch", "norm"]
@@ -61,7 +62,7 @@ def write_report(run: Path, out: Path | None = None) -> list[Path]:
             if size_plot is not None:
                 plots.append(size_plot)
                 lines.append(f"![robust accuracy against {what}]({size_plot.name})\n")
-    lines += _checks_section(ok) + _flags_section(ok) + _failed_section(cells)
+    lines += reference_section(ok) + _checks_section(ok) + _flags_section(ok) + _failed_section(cells)
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return [report, *plots]

@@ -39,7 +39,8 @@ SCHEMA_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 """Schema versions this robench reads. Version 2 added the corruption columns (nullable; a
 version-1 file reads with them null) and the ``corruption`` norm; version 3 the shard columns
-(``batch_size``, ``shard_size``, ``shards``): older folders stay readable."""
+(``batch_size``, ``shard_size``, ``shards``), the sample order and the published-reference
+columns (null in older files): older folders stay readable."""
 
 # name, type, meaning: the schema is written down once, here.
 _CELL_COLUMNS: list[tuple[str, pa.DataType, str]] = [
@@ -132,6 +133,13 @@ _CELL_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("corruption_s4_acc", pa.float64(), "corruption: mean accuracy over the corruptions at severity 4"),
     ("corruption_s5_acc", pa.float64(), "corruption: mean accuracy over the corruptions at severity 5"),
     ("corruption_table", pa.string(), "corruption: JSON corruption -> accuracy per severity, in order (else empty)"),
+    # version 3: how the evaluation subset was taken, and published numbers of the model (robench/results/reference.py)
+    ("sample_order", pa.string(), "evaluation subset: random (drawn with sample_seed) or first (the first n in order)"),
+    ("reference_clean_acc", pa.float64(), "published clean accuracy of the model (e.g. RobustBench's), else null"),
+    ("reference_robust_acc", pa.float64(), "published robust (corruptions: mean corruption) accuracy, else null"),
+    ("reference_source", pa.string(), "where the published numbers come from, and their protocol; else empty"),
+    ("reference_followed", pa.bool_(), "the cell repeats the published evaluation (protocol, threat, sample order)"),
+    ("flag_above_reference", pa.bool_(), "sanity: robust accuracy above the published one by more than its 95% CI"),
 ]
 
 _SAMPLE_COLUMNS: list[tuple[str, pa.DataType, str]] = [
