@@ -23,6 +23,7 @@ from torch import nn
 
 import robench
 from robench.attack import derive_key
+from robench.bpda import bpda_column, with_preprocess
 from robench.cell import Cell, ModelKey
 from robench.context import Context, ImageData, Progress
 from robench.discover.registry import Registries
@@ -30,6 +31,8 @@ from robench.execute.corruption import corruption_columns, without_gradient_chec
 from robench.execute.efficiency import measure
 from robench.execute.engine import Setup, deterministic, evaluate
 from robench.execute.events import CellStarted, Group
+from robench.execute.gradientpath import skip_gradient_versions
+from robench.execute.indicators import CheckSamples, Indicators, TransferRows, measure_indicators
 from robench.execute.modelcache import ModelCache, ModelFactory, data_fingerprint
 from robench.execute.modelcheck import (
     CHECK_SAMPLES,
@@ -43,7 +46,7 @@ from robench.execute.modelcheck import (
 from robench.execute.numerics import cpu_provenance
 from robench.execute.rows import now, sample_rows, scores
 from robench.execute.transfersource import TransferSource
-from robench.execute.versions import Ensemble, TransferCache, expand
+from robench.execute.versions import Ensemble, TransferCache, Version, expand
 from robench.plan.config import Benchmark
 from robench.plan.grid import model_key, resolve_defense
 from robench.plugin import PluginSpec
@@ -174,12 +177,16 @@ class Session:
             declared, checks = self._check(cell, make_variant, data, indices, setup)
             checks = without_gradient_checks(checks, p)
             variant = as_evaluated(declared, checks)
-            protocol = self._masking_protocol(cell) if checks.vanishing else p
-            versions = expand(protocol, self.registries, cell.norm)
-            transfer = TransferSource(self, cell, protocol, setup, data, indices)
-            out = evaluate(
-                variant, versions, cell.threat, data, indices, setup=setup, transfer=transfer, progress=self.progress
+            protocol = self._masking_protocol(cell, checks) if checks.vanishing else p
+            versions = skip_gradient_versions(
+                expand(protocol, self.registries, cell.norm), self.registries, checks.no_gradient
             )
+            transfer = TransferSource(self, cell, protocol, setup, data, indices)
+            kept = TransferRows(transfer, CHECK_SAMPLES)  # the check samples' transfer examples, for the indicators
+            out = evaluate(
+                variant, versions, cell.threat, data, indices, setup=setup, transfer=kept, progress=self.progress
+            )
+            indicators = self._indicators(cell, protocol, variant, versions, checks, kept, data, indices, setup)
         eff = measure(
             declared.model,
             data.batch(indices[:1])[0].to(self.device),
@@ -193,6 +200,9 @@ class Session:
             **scores(out, len(indices)),
             **check_columns(checks, declared.randomized, out, versions[own:] if checks.vanishing else []),
             **corruption_columns(p, versions, out),
+            **indicators.columns(),
+            "skipped_versions": json.dumps([v.label for v in versions if v.skipped]),
+            "bpda": bpda_column(declared),
             "status": "ok",
             "error": "",
             "n_versions": len(versions),
@@ -232,7 +242,7 @@ class Session:
         setup: Setup,
     ) -> tuple[robench.Variant, ModelChecks]:
         """The declared variant and the model checks on the first of the cell's samples."""
-        variant = make_variant()
+        variant = with_preprocess(make_variant())  # a declared preprocess: predicted through, attacked by BPDA
         x, y = data.batch(indices[:CHECK_SAMPLES])
         placed = dataclasses.replace(
             variant,
@@ -245,13 +255,37 @@ class Session:
         if checks.fired(variant.randomized) or checks.training_modules:
             self.progress.log(f"checks {cell.id}: {checks.describe(variant.randomized)}")
         if variant.randomized:  # restart its random stream: the checks drew from it
-            variant = make_variant()
+            variant = with_preprocess(make_variant())
         return variant, checks
 
-    def _masking_protocol(self, cell: Cell) -> Protocol:
+    def _masking_protocol(self, cell: Cell, checks: ModelChecks) -> Protocol:
         """The cell's protocol with the masking diagnosis's transfer and Square versions."""
         baseline = next((s for s in self.benchmark.defenses if s.name == "baseline"), PluginSpec("baseline"))
-        return with_masking_versions(cell.protocol, self.registries, baseline, self.benchmark.preset)
+        return with_masking_versions(
+            cell.protocol, self.registries, baseline, self.benchmark.preset, no_gradient=bool(checks.no_gradient)
+        )
+
+    def _indicators(
+        self,
+        cell: Cell,
+        protocol: Protocol,
+        variant: robench.Variant,
+        versions: list[Version],
+        checks: ModelChecks,
+        kept: TransferRows,
+        data: ImageData,
+        indices: torch.Tensor,
+        setup: Setup,
+    ) -> Indicators:
+        """The indicators of attack failure on the cell's check samples (after its attacks, so
+        that they read its transfer sets without loading them again)."""
+        x, y = data.batch(indices[:CHECK_SAMPLES])
+        check = CheckSamples(setup.place(x), y.to(setup.device), indices[:CHECK_SAMPLES])
+
+        def surrogate(name: str) -> nn.Module:
+            return self.surrogate(cell, protocol.surrogate(name))[0]
+
+        return measure_indicators(variant, versions, cell.threat, check, setup, checks, kept.rows, surrogate)
 
     def _key_columns(self, cell: Cell) -> dict[str, Any]:
         m = cell.model

@@ -35,10 +35,11 @@ import pyarrow.parquet as pq
 
 from robench.errors import DamagedFileWarning
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 """Schema versions this robench reads. Version 2 added the corruption columns (nullable; a
-version-1 file reads with them null) and the ``corruption`` norm: older folders stay readable."""
+version-1 file reads with them null) and the ``corruption`` norm; version 3 the no-gradient-path,
+BPDA and attack-failure indicator columns (null in older files): older folders stay readable."""
 
 # name, type, meaning: the schema is written down once, here.
 _CELL_COLUMNS: list[tuple[str, pa.DataType, str]] = [
@@ -102,6 +103,36 @@ _CELL_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("flag_vanishing_gradients", pa.bool_(), "check: vanishing input gradients; transfer and Square versions added"),
     ("masking_found_by", pa.string(), "JSON: added use -> samples it fooled that the protocol's versions missed"),
     ("flag_batch_dependent", pa.bool_(), "check: a sample's prediction changes with the rest of its batch"),
+    ("flag_no_gradient_path", pa.bool_(), "check: output not differentiable in the input; gradient versions skipped"),
+    (
+        "no_gradient_reason",
+        pa.string(),
+        "check: why there is no gradient path (no grad_fn, None gradient, ...); else empty",
+    ),
+    ("skipped_versions", pa.string(), "JSON list of version labels not run (gradient attacks, no gradient path)"),
+    (
+        "bpda",
+        pa.string(),
+        "gradient attacks crossed a declared preprocess by BPDA: identity or substitute X; else empty",
+    ),
+    # indicators of attack failure (Pintor et al. 2022) on the check samples: robench/execute/indicators.py
+    ("indicators", pa.string(), "indicators of attack failure that fired, comma-separated; 'ok'; 'n/a' (corruption)"),
+    ("indicator_attack", pa.string(), "the white-box version whose path and unbounded run indicators 1, 2, 6 measured"),
+    ("indicator_silent_success", pa.float64(), "1: share of correct check samples fooled on the path, not at its end"),
+    ("indicator_incomplete_optimization", pa.float64(), "2: share of samples not fooled whose loss still moved"),
+    (
+        "indicator_transfer_failure",
+        pa.float64(),
+        "3: share of transfer examples fooling their surrogate, not the model",
+    ),
+    ("indicator_unavailable_gradients", pa.bool_(), "4: no gradient path, or a vanishing input gradient on any sample"),
+    ("indicator_unstable_predictions", pa.float64(), "5: mean relative loss change under noise of width 8/255, max 1"),
+    (
+        "indicator_unconstrained_failure",
+        pa.float64(),
+        "6: share of correct check samples the attack without eps misses",
+    ),
+    ("indicator_seconds", pa.float64(), "seconds the indicators took (not part of attack_seconds or check_seconds)"),
     ("robench_version", pa.string(), "robench version"),
     ("plugins", pa.string(), "JSON of plugin -> distribution==version for every loaded plugin"),
     ("torch_version", pa.string(), "torch version"),
