@@ -21,8 +21,6 @@ pyarrow's (and Spark's) when they read the folder as one dataset.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -34,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from robench.errors import DamagedFileWarning
+from robench.results.atomicfiles import atomic_bytes, atomic_parquet
 
 SCHEMA_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
@@ -264,11 +263,11 @@ class RunStore:
         check_row(result)
         key = result.row["cell_key"]
         samples = result.samples or {name: [] for name in SAMPLE_SCHEMA.names}
-        _atomic_parquet(pa.Table.from_pydict(samples, schema=SAMPLE_SCHEMA), self.path / "samples" / f"{key}.parquet")
+        atomic_parquet(pa.Table.from_pydict(samples, schema=SAMPLE_SCHEMA), self.path / "samples" / f"{key}.parquet")
         row = {name: [result.row.get(name)] for name in CELL_SCHEMA.names}
         row["schema_version"] = [SCHEMA_VERSION]
         target = self.path / "cells" / f"{key}.parquet"
-        _atomic_parquet(pa.Table.from_pydict(row, schema=CELL_SCHEMA), target)
+        atomic_parquet(pa.Table.from_pydict(row, schema=CELL_SCHEMA), target)
         return target
 
     def read_cells(self) -> pd.DataFrame:
@@ -286,14 +285,14 @@ class RunStore:
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         """Write ``manifest.json`` atomically."""
         data = json.dumps({"schema_version": SCHEMA_VERSION, **manifest}, indent=2, sort_keys=True, default=str)
-        _atomic_bytes(data.encode(), self.path / "manifest.json")
+        atomic_bytes(data.encode(), self.path / "manifest.json")
 
     def rewrite_cells(self, table: pd.DataFrame) -> None:
         """Store updated rows (e.g. sanity flags) of finished cells, each atomically."""
         for row in table.to_dict("records"):
             data = {name: [row.get(name)] for name in CELL_SCHEMA.names}
             target = self.path / "cells" / f"{row['cell_key']}.parquet"
-            _atomic_parquet(pa.Table.from_pydict(data, schema=CELL_SCHEMA), target)
+            atomic_parquet(pa.Table.from_pydict(data, schema=CELL_SCHEMA), target)
 
     def read_manifest(self) -> dict[str, Any]:
         """The run's manifest."""
@@ -390,33 +389,3 @@ def _damage(path: Path) -> DamagedFile | None:
     except (pa.ArrowException, OSError) as exc:
         return DamagedFile(path, " ".join(f"{type(exc).__name__}: {exc}".split()))
     return None
-
-
-def _atomic_parquet(table: pa.Table, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        _fsync_replace(Path(tmp), target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def _atomic_bytes(data: bytes, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    try:
-        _fsync_replace(Path(tmp), target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def _fsync_replace(tmp: Path, target: Path) -> None:
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, target)
