@@ -185,6 +185,7 @@ class Square(robench.Attack):
     norms: ClassVar[frozenset[Norm]] = frozenset({"linf", "l2"})
     batch_seeded: ClassVar[bool] = True
     score_based: ClassVar[bool] = True
+    needs_gradients: ClassVar[bool] = False  # random search on the outputs alone
     n_queries: int = 5000
     p_init: float = 0.8
     loss: Literal["margin", "ce"] = "margin"

@@ -2,7 +2,7 @@
 
 The public API is what ``__all__`` lists: the plugin contracts (``Attack``, ``Defense``,
 ``Dataset``, ``Architecture``, ``ProtocolDef`` and the values they receive), the helpers
-plugins build on (training loop, per-sample random draws, losses, ensembles), the hook
+plugins build on (training loop, per-sample random draws, losses, ensembles, ``BPDA``), the hook
 arguments (``Benchmark``, ``Cell``, ``CellResult``) and the errors. Everything else is
 internal and may change; built-in plugins import nothing else (tests/test_public_api.py).
 
@@ -30,6 +30,7 @@ _EXPORTS: dict[str, str] = {
     "Architecture": "robench.architecture",
     "Attack": "robench.attack",
     "AttackUse": "robench.protocol",
+    "BPDA": "robench.bpda",
     "Benchmark": "robench.plan.config",
     "CacheError": "robench.errors",
     "Cell": "robench.cell",
@@ -87,6 +88,7 @@ _EXPORTS: dict[str, str] = {
 """Public name -> the module that defines it (and documents it)."""
 
 __all__ = [
+    "BPDA",
     "CLEAN_SOURCE",
     "SEVERITIES",
     "STANDARD_CORRUPTIONS",
@@ -172,6 +174,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported e
     from robench.attack import sample_keys as sample_keys
     from robench.attack import sample_normal as sample_normal
     from robench.attack import sample_uniform as sample_uniform
+    from robench.bpda import BPDA as BPDA
     from robench.cell import Cell as Cell
     from robench.cell import ModelKey as ModelKey
     from robench.context import Context as Context

@@ -30,6 +30,11 @@ class Attack(Plugin, ABC):
     """Whether the attack searches with the model's outputs alone, needing no gradient (Square),
     or runs such a search as one of its stages (AutoAttack). Gradient masking cannot fool
     it, so the model checks' masking diagnosis adds no Square version to a protocol using it."""
+    needs_gradients: ClassVar[bool] = True
+    """Whether the attack differentiates the model it attacks, in any stage (AutoAttack's APGD
+    does; Square does not). A white-box version of such an attack is skipped, with the reason
+    in the row, when the model checks find no gradient path through the evaluated model, since
+    it could only fail with an autograd error there; the attacks that need no gradient still run."""
 
     def n_versions(self) -> int:
         """How many versions (independent restarts) this attack contributes to a protocol."""

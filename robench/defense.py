@@ -70,6 +70,15 @@ class Variant:
         ProARD student's subnet choices), as JSON, recorded in the row; empty otherwise
     :param reference: a published evaluation of this model (e.g. RobustBench's leaderboard),
         shown beside robench's numbers in its rows and the report; ``None`` if there is none
+    :param preprocess: a non-differentiable input transformation applied before ``model``
+        (input rounding, JPEG, a denoiser run without gradient): predictions are
+        ``model(preprocess(x))``, and gradient attacks cross it by BPDA (Athalye et al.
+        2018, :class:`robench.BPDA`): forward through it, backward as the identity or
+        through ``preprocess_substitute``. The row's ``bpda`` column says so. Declare it
+        here rather than inside ``model``, where it would hide the gradient
+    :param preprocess_substitute: a differentiable stand-in for ``preprocess`` whose
+        gradient BPDA uses on the backward pass; ``None`` means the identity (which needs
+        ``preprocess`` to keep the input's shape)
     """
 
     name: str
@@ -83,10 +92,13 @@ class Variant:
     encoding: str = "dense"
     config: str = ""
     reference: Reference | None = None
+    preprocess: nn.Module | None = None
+    preprocess_substitute: nn.Module | None = None
 
     @property
     def attack_model(self) -> nn.Module:
-        """The model gradient attacks should differentiate."""
+        """The model gradient attacks should differentiate (behind ``preprocess``, if any:
+        :func:`robench.bpda.with_preprocess` composes them)."""
         return self.grad_model if self.grad_model is not None else self.model
 
 

@@ -76,6 +76,8 @@ def assemble_row(inputs: RowInputs, key_columns: dict[str, Any], indices: torch.
         **check_columns(checks, prepared.declared_randomized, out, added),
         **corruption_columns(inputs.cell.protocol, inputs.versions, out),
         **prepared.facts,
+        **parts[0].indicators,  # per cell, on its check samples: computed with shard 0
+        "skipped_versions": json.dumps([v.label for v in inputs.versions if v.skipped]),
         "status": "ok",
         "error": "",
         "n_versions": len(inputs.versions),

@@ -204,8 +204,9 @@ def _cached_or_generated(source: SetSource, version: Version, attack: Corruption
 def without_gradient_checks(checks: ModelChecks, protocol: EvalProtocol) -> ModelChecks:
     """For a corruption cell, the model checks with the input-gradient check marked not
     applicable (NaN): no gradient attack runs, so vanishing gradients mask nothing and must
-    neither flag the cell nor add transfer and Square versions to it."""
-    return replace(checks, vanishing_share=float("nan")) if protocol.is_corruption() else checks
+    neither flag the cell nor add transfer and Square versions to it (nor, without a gradient
+    path, skip any version)."""
+    return replace(checks, vanishing_share=float("nan"), no_gradient="") if protocol.is_corruption() else checks
 
 
 CORRUPTION_COLUMNS = (

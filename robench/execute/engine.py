@@ -156,7 +156,10 @@ def _evaluate(
     try:
         for version in versions:
             active = torch.ones_like(robust) if setup.exhaustive else robust.clone()
-            if version.use.source is None:
+            if version.skipped:  # not run (no gradient path): attacks no sample, fools none
+                active = torch.zeros_like(robust)
+                correct = torch.ones_like(robust)
+            elif version.use.source is None:
                 correct, losses = _whitebox(judge, grad_model, version, threat, data, indices, active, setup)
                 outcome.clean_loss += losses[0]
                 outcome.adv_loss += losses[1]

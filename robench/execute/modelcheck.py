@@ -17,6 +17,10 @@ Carlini et al.'s checklist:
   samples (input rounding, saturated logits); the runner then adds transfer and Square
   versions (:func:`with_masking_versions`), after Athalye et al.'s obfuscated-gradients
   diagnosis: an attack that needs no gradient of the defended model cannot be masked by it;
+* **no gradient path**: the output does not depend differentiably on the input at all (no
+  ``grad_fn``, a ``None`` input gradient, a backward that raises;
+  robench/execute/gradientpath.py): the same versions are added, and the white-box versions
+  that need gradients are skipped with the reason, instead of failing with autograd's error;
 * **batch dependence**: a sample's prediction changes when the rest of its batch changes
   (BatchNorm left in training mode, a batch-level gate).
 
@@ -35,10 +39,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from robench.bpda import with_preprocess
 from robench.defense import Variant
 from robench.discover.registry import Registries
 from robench.errors import RobenchError
 from robench.execute.engine import Outcome
+from robench.execute.gradientpath import Probe, probe
 from robench.execute.versions import Version
 from robench.plugin import PluginSpec
 from robench.protocol import AttackUse, Protocol, Surrogate
@@ -83,6 +89,8 @@ class ModelChecks:
         (not checked, ``False``, for randomized models: their predictions change anyway)
     :param training_modules: submodules still in training mode after ``eval()``
     :param seconds: time the checks took
+    :param no_gradient: why the attacked model has no gradient path from input to output,
+        or ``""`` (then ``vanishing_share`` is 1: no sample has a gradient)
     """
 
     samples: int
@@ -93,6 +101,7 @@ class ModelChecks:
     batch_dependent: bool
     training_modules: tuple[str, ...] = ()
     seconds: float = 0.0
+    no_gradient: str = ""
 
     @property
     def vanishing(self) -> bool:
@@ -104,8 +113,9 @@ class ModelChecks:
         found = {
             "undeclared_randomness": self.randomized and not declared_randomized,
             "probability_outputs": self.probabilities or self.attack_probabilities,
-            "vanishing_gradients": self.vanishing,
+            "vanishing_gradients": self.vanishing and not self.no_gradient,  # no path: its own finding
             "batch_dependent": self.batch_dependent,
+            "no_gradient_path": bool(self.no_gradient),
         }
         return [name for name, hit in found.items() if hit]
 
@@ -116,7 +126,9 @@ class ModelChecks:
             parts.append("randomized (declared)" if declared_randomized else "randomized, NOT declared: run with EOT")
         if self.probabilities or self.attack_probabilities:
             parts.append("outputs probabilities: attacks get their log")
-        if self.vanishing:
+        if self.no_gradient:
+            parts.append(f"no gradient path ({self.no_gradient}): gradient versions skipped, transfer and Square added")
+        elif self.vanishing:
             parts.append(f"vanishing gradients on {100 * self.vanishing_share:.0f} %: transfer and Square added")
         if self.batch_dependent:
             parts.append("prediction depends on the batch")
@@ -141,9 +153,13 @@ class LogOutput(nn.Module):
 def check_model(variant: Variant, x: Tensor, y: Tensor, num_classes: int) -> ModelChecks:
     """Run every check on ``variant`` with inputs ``x`` (on the models' device) and labels ``y``.
 
+    A variant that declares ``preprocess`` is checked as robench evaluates it: predicting
+    through the transformation, attacked through its BPDA (:func:`robench.bpda.with_preprocess`).
+
     :raises ModelContractError: if a model breaks the output contract
     """
     start = time.perf_counter()
+    variant = with_preprocess(variant)
     model, attacked = variant.model.eval(), variant.attack_model.eval()
     with torch.inference_mode():
         outputs = [model(x) for _ in range(REPEATS)]
@@ -158,21 +174,24 @@ def check_model(variant: Variant, x: Tensor, y: Tensor, num_classes: int) -> Mod
     attack_probabilities = _probabilities(attacked_out)
     randomized = any(_changed(outputs[0], out, RANDOM_TOLERANCE) for out in outputs[1:])
     grad_model = LogOutput(attacked) if attack_probabilities else attacked
+    gradient = probe(grad_model, x, y)
     return ModelChecks(
         samples=len(x),
         randomized=randomized,
         probabilities=_probabilities(outputs[0]),
         attack_probabilities=attack_probabilities,
-        vanishing_share=vanishing_share(grad_model, x, y),
+        vanishing_share=vanishing_share(gradient, y),
         batch_dependent=not randomized and _batch_dependent(model, x, outputs[0]),
         training_modules=tuple(name or type(model).__name__ for name, m in model.named_modules() if m.training),
         seconds=time.perf_counter() - start,
+        no_gradient=gradient.problem,
     )
 
 
 def as_evaluated(variant: Variant, checks: ModelChecks) -> Variant:
     """The variant as robench evaluates it: randomized if found random, and the log of any
     model's probability outputs (the prediction's argmax, and so every verdict, is unchanged)."""
+    variant = with_preprocess(variant)
     model = LogOutput(variant.model) if checks.probabilities else variant.model
     grad_model = variant.grad_model
     if grad_model is not None and checks.attack_probabilities:
@@ -182,24 +201,19 @@ def as_evaluated(variant: Variant, checks: ModelChecks) -> Variant:
     )
 
 
-def vanishing_share(model: nn.Module, x: Tensor, y: Tensor) -> float:
+def vanishing_share(gradient: Probe, y: Tensor) -> float:
     """Share of samples whose input gradient vanishes, for the losses attacks use.
 
-    A sample's gradient vanishes if it is not finite, if the gradient of the logit margin
-    (true logit minus the largest other; it does not saturate with confidence) is below
-    :data:`GRADIENT_FLOOR` per input element, or if the cross-entropy gradient is exactly
-    zero (saturated logits: the default loss of every gradient attack then takes no step).
+    A sample's gradient vanishes if there is none (no gradient path), if it is not finite,
+    if the gradient of the logit margin (true logit minus the largest other; it does not
+    saturate with confidence) is below :data:`GRADIENT_FLOOR` per input element, or if the
+    cross-entropy gradient is exactly zero (saturated logits: the default loss of every
+    gradient attack then takes no step).
     """
-    x = x.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        logits = model(x)
-        true = logits.gather(1, y[:, None]).squeeze(1)
-        others = logits.masked_fill(nn.functional.one_hot(y, logits.shape[1]).bool(), float("-inf"))
-        margin = true - others.amax(dim=1)
-        (margin_grad,) = torch.autograd.grad(margin.sum(), x, allow_unused=True)
-    if margin_grad is None:  # the output does not depend on the input at all
+    if gradient.margin_grad is None:  # the output does not depend on the input at all
         return 1.0
-    flat = margin_grad.flatten(1)
+    logits = gradient.logits
+    flat = gradient.margin_grad.flatten(1)
     broken = ~torch.isfinite(flat).all(dim=1)
     faint = flat.abs().mean(dim=1) < GRADIENT_FLOOR
     # The cross-entropy gradient is (softmax - one-hot) times the same Jacobian: exactly zero
@@ -210,16 +224,22 @@ def vanishing_share(model: nn.Module, x: Tensor, y: Tensor) -> float:
     return float((broken | faint | saturated).float().mean())
 
 
-def with_masking_versions(protocol: Protocol, registries: Registries, baseline: PluginSpec, preset: str) -> Protocol:
+def with_masking_versions(
+    protocol: Protocol, registries: Registries, baseline: PluginSpec, preset: str, *, no_gradient: bool = False
+) -> Protocol:
     """``protocol`` plus what diagnoses gradient masking, unless it already has them: a transfer
     version from the cell's architecture trained by ``baseline`` (a held-out seed) and a
     gradient-free Square version. The added uses come last, so early exit runs them only on
-    the samples the protocol's own versions could not fool."""
+    the samples the protocol's own versions could not fool.
+
+    With ``no_gradient`` (the model has no gradient path), a score-based use that also needs
+    gradients (AutoAttack) will be skipped, so it does not stand in for Square."""
     uses, surrogates = list(protocol.uses), list(protocol.surrogates)
     if not protocol.is_transfer():
         surrogates.append(Surrogate(CHECK_SURROGATE, baseline, (CHECK_SURROGATE_SEED,)))
         uses.append(AttackUse(PluginSpec.of("pgd", {"restarts": 1, "stop_on_success": False}), CHECK_SURROGATE))
-    if not any(registries.attacks.get(use.attack.name).score_based for use in protocol.uses):
+    attacks = [registries.attacks.get(use.attack.name) for use in protocol.uses]
+    if not any(a.score_based and not (no_gradient and a.needs_gradients) for a in attacks):
         uses.append(AttackUse(PluginSpec.of("square", {"n_queries": 5000 if preset == "paper" else 1000})))
     return dataclasses.replace(protocol, uses=tuple(uses), surrogates=tuple(surrogates))
 
@@ -248,9 +268,11 @@ def check_columns(checks: ModelChecks, declared_randomized: bool, out: Outcome, 
         "flag_undeclared_randomness": checks.randomized and not declared_randomized,
         "flag_probability_outputs": checks.probabilities or checks.attack_probabilities,
         "check_vanishing_share": checks.vanishing_share,
-        "flag_vanishing_gradients": checks.vanishing,
+        "flag_vanishing_gradients": checks.vanishing and not checks.no_gradient,
         "masking_found_by": json.dumps(found, sort_keys=True) if added else "",
         "flag_batch_dependent": checks.batch_dependent,
+        "flag_no_gradient_path": bool(checks.no_gradient),
+        "no_gradient_reason": checks.no_gradient,
     }
 
 

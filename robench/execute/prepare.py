@@ -15,6 +15,7 @@ from typing import Protocol as Interface
 import torch
 
 import robench
+from robench.bpda import bpda_column, with_preprocess
 from robench.cell import Cell
 from robench.context import ImageData, Progress
 from robench.discover.registry import Registries
@@ -57,7 +58,7 @@ class Session(Interface):
         """How the cell's versions run."""
         ...
 
-    def masking_protocol(self, cell: Cell) -> Protocol:
+    def masking_protocol(self, cell: Cell, checks: ModelChecks) -> Protocol:
         """The cell's protocol with the masking versions."""
         ...
 
@@ -87,11 +88,12 @@ def prepare_cell(
         "quantized_engine": variant.quantized_engine,
         "weights_sha256": declared.weights_sha256,
         "variant_config": declared.config,
+        "bpda": bpda_column(declared),
         "eot": p.eot if variant.randomized else 0,
         "votes": p.votes if variant.randomized else 1,
         **dataclasses.asdict(eff),
     }
-    protocol = session.masking_protocol(cell) if checks.vanishing else p
+    protocol = session.masking_protocol(cell, checks) if checks.vanishing else p
     return Prepared(
         checks, protocol, declared.randomized, facts, build_seconds, model_hash, started, reference=declared.reference
     )
@@ -106,7 +108,7 @@ def _check(
     setup: Setup,
 ) -> tuple[robench.Variant, ModelChecks]:
     """The declared variant and the model checks on the first of the cell's samples."""
-    variant = make_variant()
+    variant = with_preprocess(make_variant())  # a declared preprocess: predicted through, attacked by BPDA
     x, y = data.batch(indices[:CHECK_SAMPLES])
     placed = dataclasses.replace(
         variant,

@@ -231,9 +231,10 @@ def _line(result: CellResult) -> str:
 
 
 def _checks_text(row: dict[str, Any]) -> str:
-    """``checks ok (0.4 % of the cell)`` or what fired, and what found masked gradients."""
-    share = row["check_seconds"] / max(row["check_seconds"] + row["attack_seconds"], 1e-9)
-    text = f"checks {row['checks']} ({100 * share:.1f} % of the cell)"
+    """``checks ok, indicators ok (0.4 % of the cell)`` or what fired, and what found masked gradients."""
+    spent = row["check_seconds"] + row["indicator_seconds"]  # model checks and attack-failure indicators
+    share = spent / max(spent + row["attack_seconds"], 1e-9)
+    text = f"checks {row['checks']}, indicators {row['indicators']} ({100 * share:.1f} % of the cell)"
     if row["masking_found_by"]:
         found = json.loads(row["masking_found_by"])
         text += "; masking found by " + ", ".join(f"{use} ({n} samples)" for use, n in found.items())

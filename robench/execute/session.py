@@ -12,8 +12,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import os
-import socket
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -29,16 +27,21 @@ from robench.cell import Cell, ModelKey
 from robench.context import Context, ImageData, Progress
 from robench.discover.registry import Registries
 from robench.execute.cellrow import RowInputs, assemble_row
-from robench.execute.engine import Setup, evaluate
+from robench.execute.engine import Setup
 from robench.execute.events import CellPrepared, CellStarted, Event, Group, Prepared, ShardDone
+from robench.execute.gradientpath import skip_gradient_versions
 from robench.execute.modelcache import ModelCache, ModelFactory, data_fingerprint
-from robench.execute.modelcheck import ModelContractError, as_evaluated, with_masking_versions
+from robench.execute.modelcheck import (
+    ModelChecks,
+    ModelContractError,
+    with_masking_versions,
+)
 from robench.execute.numerics import cpu_provenance
 from robench.execute.prepare import prepare_cell
 from robench.execute.rows import now
+from robench.execute.shardrun import evaluate_shard
 from robench.execute.shards import Part, shard_seed, shard_slices
-from robench.execute.transfersource import TransferSource
-from robench.execute.versions import Ensemble, TransferCache, expand
+from robench.execute.versions import Ensemble, TransferCache, Version, expand
 from robench.plan.config import Benchmark
 from robench.plan.grid import model_key, resolve_defense
 from robench.plugin import PluginSpec
@@ -223,56 +226,14 @@ class Session:
             return self.error(cell, f"protocol {cell.protocol.name}", exc)
 
     def shard(self, cell: Cell, prepared: Prepared, index: int) -> Part:
-        """Evaluate shard ``index`` of ``cell`` on its own: a fresh variant, torch's global
-        generators seeded from the cell and the shard, its transfer sets sliced to the shard."""
-        started, waited = now(), self.cache.locks.waited
-        data = self.data(cell.model.dataset, "test")
-        indices = self.eval_indices(cell.model.dataset)
-        slices = self.shards(cell)
-        part = slices[index]
-        models, _, _ = self.models(cell.model)
-        defense = self.defense(cell.model)
-        setup = self.setup(cell)
-        count = f" shard {index + 1}/{len(slices)}" if len(slices) > 1 else ""
-        self.progress.log(f"evaluating {cell.id}{count} ({part.stop - part.start} samples)")
+        """Evaluate shard ``index`` of ``cell`` (:func:`~robench.execute.shardrun.evaluate_shard`)."""
         with _seeded_global_rng(shard_seed(cell.key, index), self.device):
-            variant = as_evaluated(defense.variant(cell.variant, models[cell.variant]), prepared.checks)
-            versions = expand(prepared.protocol, self.registries, cell.norm)
-            transfer = TransferSource(self, cell, prepared.protocol, setup, data, indices)
-            out = evaluate(
-                variant,
-                versions,
-                cell.threat,
-                data,
-                indices[part],
-                setup=setup,
-                transfer=lambda version: transfer(version)[part],
-                progress=self.progress,
-            )
-        provenance = {
-            "device": str(self.device),
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "started": started.timestamp(),
-            "finished": now().timestamp(),
-            "lock_wait_seconds": self.cache.locks.waited - waited,
-        }
-        return Part(
-            index=index,
-            count=len(slices),
-            indices=indices[part],
-            outcome=out,
-            versions=[v.label for v in versions],
-            transfer_seconds=transfer.seconds,
-            transfer_used=transfer.used,
-            transfer_generated=transfer.generated,
-            provenance=provenance,
-        )
+            return evaluate_shard(self, cell, prepared, index)
 
     def assemble(self, cell: Cell, prepared: Prepared, parts: list[Part]) -> CellResult:
         """The cell's row and samples from its prepared facts and all of its parts."""
         indices = self.eval_indices(cell.model.dataset)
-        versions = expand(prepared.protocol, self.registries, cell.norm)
+        versions = self.versions(cell, prepared)
         own = len(expand(cell.protocol, self.registries, cell.norm))
         return assemble_row(
             RowInputs(cell, prepared, parts, versions, own, self.benchmark.batch_size, self.benchmark.shard_size),
@@ -280,10 +241,18 @@ class Session:
             indices,
         )
 
-    def masking_protocol(self, cell: Cell) -> Protocol:
+    def versions(self, cell: Cell, prepared: Prepared) -> list[Version]:
+        """The versions ``cell``'s shards run: its prepared protocol's, those that need a gradient
+        skipped when the checks found no gradient path."""
+        versions = expand(prepared.protocol, self.registries, cell.norm)
+        return skip_gradient_versions(versions, self.registries, prepared.checks.no_gradient)
+
+    def masking_protocol(self, cell: Cell, checks: ModelChecks) -> Protocol:
         """The cell's protocol with the masking diagnosis's transfer and Square versions."""
         baseline = next((s for s in self.benchmark.defenses if s.name == "baseline"), PluginSpec("baseline"))
-        return with_masking_versions(cell.protocol, self.registries, baseline, self.benchmark.preset)
+        return with_masking_versions(
+            cell.protocol, self.registries, baseline, self.benchmark.preset, no_gradient=bool(checks.no_gradient)
+        )
 
     def key_columns(self, cell: Cell) -> dict[str, Any]:
         """The columns that name ``cell``, and the run's provenance."""

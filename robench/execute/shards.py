@@ -67,6 +67,8 @@ class Part:
     :param transfer_generated: how many of them this shard generated
     :param provenance: where and when it ran (device, host, pid, started, finished, the
         seconds it waited on cache locks), kept in the part file
+    :param indicators: the cell's indicators of attack failure (columns), which shard 0
+        computes on the cell's check samples; empty for the other shards
     """
 
     index: int
@@ -78,6 +80,7 @@ class Part:
     transfer_used: list[str] = field(default_factory=list)
     transfer_generated: int = 0
     provenance: dict[str, Any] = field(default_factory=dict)
+    indicators: dict[str, Any] = field(default_factory=dict)
 
     def table(self, cell_key: str) -> pa.Table:
         """The part as a samples table (the cell's samples schema) with its counters in the
@@ -96,6 +99,7 @@ class Part:
             "transfer_used": self.transfer_used,
             "transfer_generated": self.transfer_generated,
             "provenance": self.provenance,
+            "indicators": self.indicators,
             "samples": self.indices.tolist(),  # the shard's order, which the samples table does not keep
         }
         schema = SAMPLE_SCHEMA.with_metadata({**SAMPLE_SCHEMA.metadata, PART_METADATA: json.dumps(meta).encode()})
@@ -119,6 +123,7 @@ class Part:
             transfer_used=list(meta["transfer_used"]),
             transfer_generated=meta["transfer_generated"],
             provenance=dict(meta["provenance"]),
+            indicators=dict(meta.get("indicators", {})),
         )
 
 

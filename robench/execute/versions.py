@@ -28,12 +28,17 @@ _FLOOR = 1e-40  # DVERGE clamps the mean probability before the log
 
 @dataclass(frozen=True)
 class Version:
-    """One version of a protocol."""
+    """One version of a protocol.
+
+    ``skipped`` is empty, or why the version is not run on this cell (a gradient attack on a
+    model with no gradient path, robench/execute/gradientpath.py): it then fools no sample.
+    """
 
     index: int
     use: AttackUse
     attack: Attack
     restart: int
+    skipped: str = ""
 
     @property
     def label(self) -> str:

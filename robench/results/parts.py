@@ -18,7 +18,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from robench.results.storage import RunStore, atomic_parquet, set_aside
+from robench.results.atomicfiles import atomic_parquet
+from robench.results.storage import RunStore, set_aside
 
 _NAME = re.compile(r"^(?P<tag>s\d+-b\d+)-(?P<index>\d+)of(?P<count>\d+)\.parquet$")
 

@@ -21,6 +21,7 @@ import pandas as pd
 from robench.results.check import load_cells
 from robench.results.corruption_report import corruption_report, is_corruption
 from robench.results.figures import figure, slug
+from robench.results.indicator_report import indicators_section
 from robench.results.reference_report import reference_section
 from robench.results.storage import describe_schema
 
@@ -62,7 +63,8 @@ def write_report(run: Path, out: Path | None = None) -> list[Path]:
             if size_plot is not None:
                 plots.append(size_plot)
                 lines.append(f"![robust accuracy against {what}]({size_plot.name})\n")
-    lines += reference_section(ok) + _checks_section(ok) + _flags_section(ok) + _failed_section(cells)
+    lines += reference_section(ok) + _checks_section(ok) + indicators_section(ok) + _flags_section(ok)
+    lines += _failed_section(cells)
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return [report, *plots]
@@ -164,7 +166,7 @@ def _checks_section(cells: pd.DataFrame) -> list[str]:
     share = ran["check_seconds"].sum() / max((ran["check_seconds"] + ran["attack_seconds"]).sum(), 1e-9)
     lines += [
         f"Run before every attack on the first {int(ran['check_samples'].max())} samples of each cell: output "
-        "contract, probability outputs, randomness, vanishing gradients, batch dependence. They took "
+        "contract, probability outputs, randomness, vanishing gradients, no gradient path, batch dependence. They took "
         f"{ran['check_seconds'].sum():.2f} s, {100 * share:.2f} % of the cells' evaluation time. "
         f"{int((ran['checks'] == 'ok').sum())} of {len(ran)} cells: ok.",
         "",
@@ -174,7 +176,11 @@ def _checks_section(cells: pd.DataFrame) -> list[str]:
         if row["masking_found_by"]:
             found = json.loads(row["masking_found_by"])
             text += "; samples the added versions fooled: " + ", ".join(f"`{k}` {v}" for k, v in found.items())
+        if isinstance(row.get("no_gradient_reason"), str) and row["no_gradient_reason"]:
+            text += f"; no gradient path: {row['no_gradient_reason']}, skipped {row['skipped_versions']}"
         lines.append(text)
+    for _, row in ran[ran["bpda"].fillna("") != ""].sort_values("cell_id").iterrows():
+        lines.append(f"- `{row['cell_id']}`: attacked through its declared preprocessing by BPDA ({row['bpda']})")
     if len(cells) > len(ran):
         lines.append(f"- {len(cells) - len(ran)} cells come from a robench without model checks.")
     return [*lines, ""]

@@ -10,7 +10,12 @@ the runner's model cache) and breaks exactly one rule:
 * ``trap-classes``: returns 7 outputs on a 10-class dataset (4 on the 4-class tiny one: one less);
 * ``trap-tuple``: returns ``(logits, features)``;
 * ``trap-batchnorm``: normalises inputs by the statistics of their batch (a BatchNorm that
-  stays in training mode).
+  stays in training mode);
+* ``trap-nograd``: runs an input-sanitising step under ``torch.no_grad()``, so no gradient
+  reaches the input (the output still has a graph, through the weights);
+* ``trap-onehot``: returns the one-hot of its prediction as logits (no graph at all);
+* ``trap-rounding-bpda``: the 3-bit input rounding of ``trap-rounding``, declared as the
+  variant's ``preprocess`` (so robench attacks through it by BPDA) instead of hidden in the model.
 
 Register with ``pm.register(robench_traps, name="traps")``.
 """
@@ -22,6 +27,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import robench
@@ -33,12 +39,37 @@ class _Wrapper(nn.Module):
         self.model = model
 
 
-class Rounding(_Wrapper):
-    """Inputs rounded to 8 grey levels: the round has zero gradient."""
+class Round(nn.Module):
+    """Inputs rounded to 8 grey levels (3 bits): the round has zero gradient almost everywhere."""
 
     def forward(self, x: Tensor) -> Tensor:
-        out: Tensor = self.model(torch.round(x * 7) / 7)
+        return torch.round(x * 7) / 7
+
+
+class Rounding(_Wrapper):
+    """Inputs rounded to 8 grey levels inside the model."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.model(Round()(x))
         return out
+
+
+class NoGradSanitise(_Wrapper):
+    """Inputs clamped to [0, 1] under ``torch.no_grad()``: harmless to predictions, fatal to gradients."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            x = x.clamp(0, 1)
+        out: Tensor = self.model(x)
+        return out
+
+
+class OneHot(_Wrapper):
+    """The one-hot of the prediction, as floats."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits: Tensor = self.model(x)
+        return F.one_hot(logits.argmax(dim=1), logits.shape[1]).float()
 
 
 class GaussianNoise(_Wrapper):
@@ -175,6 +206,38 @@ class TrapBatchNorm(_Trap):
         return BatchStatistics(model, ctx.shape.channels).eval()
 
 
+@dataclass(frozen=True, kw_only=True)
+class TrapNoGrad(_Trap):
+    """Baseline behind an input-sanitising step run without gradient."""
+
+    name: ClassVar[str] = "trap-nograd"
+    wrapper: ClassVar[type[_Wrapper]] = NoGradSanitise
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrapOneHot(_Trap):
+    """Baseline returning the one-hot of its prediction."""
+
+    name: ClassVar[str] = "trap-onehot"
+    wrapper: ClassVar[type[_Wrapper]] = OneHot
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrapRoundingBPDA(_Trap):
+    """Baseline behind 3-bit input rounding, declared as the variant's preprocessing."""
+
+    name: ClassVar[str] = "trap-rounding-bpda"
+    wrapper: ClassVar[type[_Wrapper]] = _Wrapper
+
+    def wrap(self, model: nn.Module, ctx: robench.Context) -> nn.Module:
+        """The baseline itself: the rounding is declared on the variant, not hidden in the model."""
+        return model.eval()
+
+    def variant(self, name: str, model: nn.Module) -> robench.Variant:
+        """Predict through the rounding; robench attacks through it by BPDA (identity backward)."""
+        return robench.Variant(name=name, model=model, preprocess=Round())
+
+
 TRAPS: dict[str, str] = {
     "trap-rounding": "vanishing_gradients",
     "trap-noise": "undeclared_randomness",
@@ -182,9 +245,25 @@ TRAPS: dict[str, str] = {
     "trap-batchnorm": "batch_dependent",
 }
 """The defenses that evaluate, and the one check each must fire (the other two are error rows)."""
+GRADIENT_TRAPS: dict[str, str] = {
+    "trap-nograd": "no_gradient_path",
+    "trap-onehot": "probability_outputs,no_gradient_path",  # one-hot rows are >= 0 and sum to 1
+    "trap-rounding-bpda": "ok",
+}
+"""The traps of a model's gradient path (issue 22), and the ``checks`` column each must give."""
 
 
 @robench.hookimpl
 def robench_defenses() -> list[type[robench.Defense]]:
     """The trap defenses."""
-    return [TrapRounding, TrapNoise, TrapSoftmax, TrapClasses, TrapTuple, TrapBatchNorm]
+    return [
+        TrapRounding,
+        TrapNoise,
+        TrapSoftmax,
+        TrapClasses,
+        TrapTuple,
+        TrapBatchNorm,
+        TrapNoGrad,
+        TrapOneHot,
+        TrapRoundingBPDA,
+    ]

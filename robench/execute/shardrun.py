@@ -1,0 +1,154 @@
+"""One shard of a cell, evaluated on its own (:mod:`robench.execute.shards` says what a shard is).
+
+The shard gets a fresh variant (its random stream restarted, its declared preprocessing
+crossed by BPDA), the versions its cell's checks left, and its cell's transfer sets sliced
+to its samples. Shard 0 also measures the cell's indicators of attack failure on the cell's
+check samples, once per cell, whichever executor runs the shards.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Protocol as Interface
+
+import torch
+from torch import nn
+
+import robench
+from robench.bpda import with_preprocess
+from robench.cell import Cell, ModelKey
+from robench.context import ImageData, Progress
+from robench.execute.engine import Setup, evaluate
+from robench.execute.events import Prepared
+from robench.execute.indicators import CheckSamples, Indicators, TransferRows, measure_indicators
+from robench.execute.modelcheck import CHECK_SAMPLES, as_evaluated
+from robench.execute.rows import now
+from robench.execute.shards import Part
+from robench.execute.transfersource import SetSession, TransferSource
+from robench.execute.versions import Version
+from robench.protocol import Surrogate
+
+
+class Session(SetSession, Interface):
+    """What a shard uses of its :class:`~robench.execute.session.Session`."""
+
+    @property
+    def device(self) -> torch.device:
+        """Where the shard runs."""
+        ...
+
+    @property
+    def progress(self) -> Progress:
+        """Progress reporting."""
+        ...
+
+    def data(self, dataset: str, split: str) -> ImageData:
+        """A loaded split."""
+        ...
+
+    def eval_indices(self, dataset: str) -> torch.Tensor:
+        """The evaluation subset."""
+        ...
+
+    def shards(self, cell: Cell) -> list[slice]:
+        """The cell's shards."""
+        ...
+
+    def setup(self, cell: Cell) -> Setup:
+        """How the cell's versions run."""
+        ...
+
+    def models(self, key: ModelKey) -> tuple[dict[str, nn.Module], float, str]:
+        """Build (or load) a model."""
+        ...
+
+    def defense(self, key: ModelKey) -> robench.Defense:
+        """The resolved defense of a model key."""
+        ...
+
+    def versions(self, cell: Cell, prepared: Prepared) -> list[Version]:
+        """The versions the cell's shards run."""
+        ...
+
+    def surrogate(self, cell: Cell, surrogate: Surrogate) -> tuple[nn.Module, list[str]]:
+        """A surrogate ensemble."""
+        ...
+
+
+def evaluate_shard(session: Session, cell: Cell, prepared: Prepared, index: int) -> Part:
+    """Evaluate shard ``index`` of ``cell`` on its own: a fresh variant, its transfer sets
+    sliced to the shard (the caller seeds torch's global generators for the shard)."""
+    started, waited = now(), session.cache.locks.waited
+    data = session.data(cell.model.dataset, "test")
+    indices = session.eval_indices(cell.model.dataset)
+    slices = session.shards(cell)
+    part = slices[index]
+    models, _, _ = session.models(cell.model)
+    defense = session.defense(cell.model)
+    setup = session.setup(cell)
+    count = f" shard {index + 1}/{len(slices)}" if len(slices) > 1 else ""
+    session.progress.log(f"evaluating {cell.id}{count} ({part.stop - part.start} samples)")
+    declared = with_preprocess(defense.variant(cell.variant, models[cell.variant]))  # BPDA, if declared
+    variant = as_evaluated(declared, prepared.checks)
+    versions = session.versions(cell, prepared)
+    transfer = TransferSource(session, cell, prepared.protocol, setup, data, indices)
+    # shard 0 keeps the check samples' transfer examples, for the cell's indicators
+    kept = TransferRows(transfer, CHECK_SAMPLES) if index == 0 else transfer
+    out = evaluate(
+        variant,
+        versions,
+        cell.threat,
+        data,
+        indices[part],
+        setup=setup,
+        transfer=lambda version: kept(version)[part],
+        progress=session.progress,
+    )
+    indicators: dict[str, object] = {}
+    if isinstance(kept, TransferRows):  # per cell, on its check samples: computed once, with shard 0
+        found = _indicators(session, cell, prepared, variant, versions, kept, data, indices, setup)
+        indicators = found.columns()
+    provenance = {
+        "device": str(session.device),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": started.timestamp(),
+        "finished": now().timestamp(),
+        "lock_wait_seconds": session.cache.locks.waited - waited,
+    }
+    return Part(
+        index=index,
+        count=len(slices),
+        indices=indices[part],
+        outcome=out,
+        versions=[v.label for v in versions],
+        transfer_seconds=transfer.seconds,
+        transfer_used=transfer.used,
+        transfer_generated=transfer.generated,
+        provenance=provenance,
+        indicators=indicators,
+    )
+
+
+def _indicators(
+    session: Session,
+    cell: Cell,
+    prepared: Prepared,
+    variant: robench.Variant,
+    versions: list[Version],
+    kept: TransferRows,
+    data: ImageData,
+    indices: torch.Tensor,
+    setup: Setup,
+) -> Indicators:
+    """The indicators of attack failure on the cell's check samples (after shard 0's
+    attacks, so that they read its transfer sets without loading them again)."""
+    x, y = data.batch(indices[:CHECK_SAMPLES])
+    check = CheckSamples(setup.place(x), y.to(setup.device), indices[:CHECK_SAMPLES])
+    protocol = prepared.protocol
+
+    def surrogate(name: str) -> nn.Module:
+        return session.surrogate(cell, protocol.surrogate(name))[0]
+
+    return measure_indicators(variant, versions, cell.threat, check, setup, prepared.checks, kept.rows, surrogate)
