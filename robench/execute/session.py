@@ -27,12 +27,13 @@ from robench.bpda import bpda_column, with_preprocess
 from robench.cell import Cell, ModelKey
 from robench.context import Context, ImageData, Progress
 from robench.discover.registry import Registries
+from robench.execute.attacktrace import PathRecorder
 from robench.execute.corruption import corruption_columns, without_gradient_checks
 from robench.execute.efficiency import measure
-from robench.execute.engine import Setup, deterministic, evaluate
+from robench.execute.engine import Outcome, Setup, deterministic, evaluate
 from robench.execute.events import CellStarted, Group
 from robench.execute.gradientpath import skip_gradient_versions
-from robench.execute.indicators import CheckSamples, Indicators, TransferRows, measure_indicators
+from robench.execute.indicators import CheckSamples, Indicators, TransferRows, measure_indicators, path_recorder
 from robench.execute.modelcache import ModelCache, ModelFactory, data_fingerprint
 from robench.execute.modelcheck import (
     CHECK_SAMPLES,
@@ -183,10 +184,21 @@ class Session:
             )
             transfer = TransferSource(self, cell, protocol, setup, data, indices)
             kept = TransferRows(transfer, CHECK_SAMPLES)  # the check samples' transfer examples, for the indicators
+            x, y = data.batch(indices[:CHECK_SAMPLES])
+            check = CheckSamples(setup.place(x), y.to(setup.device), indices[:CHECK_SAMPLES])
+            recorder = path_recorder(versions, cell.threat, check, data, indices, setup.batch_size)
             out = evaluate(
-                variant, versions, cell.threat, data, indices, setup=setup, transfer=kept, progress=self.progress
+                variant,
+                versions,
+                cell.threat,
+                data,
+                indices,
+                setup=setup,
+                transfer=kept,
+                progress=self.progress,
+                recorder=recorder,  # the path of the cell's attack on the check samples, for the indicators
             )
-            indicators = self._indicators(cell, protocol, variant, versions, checks, kept, data, indices, setup)
+            indicators = self._indicators(cell, protocol, variant, versions, checks, check, out, recorder, kept, setup)
         eff = measure(
             declared.model,
             data.batch(indices[:1])[0].to(self.device),
@@ -272,20 +284,20 @@ class Session:
         variant: robench.Variant,
         versions: list[Version],
         checks: ModelChecks,
+        check: CheckSamples,
+        out: Outcome,
+        recorder: PathRecorder | None,
         kept: TransferRows,
-        data: ImageData,
-        indices: torch.Tensor,
         setup: Setup,
     ) -> Indicators:
-        """The indicators of attack failure on the cell's check samples (after its attacks, so
-        that they read its transfer sets without loading them again)."""
-        x, y = data.batch(indices[:CHECK_SAMPLES])
-        check = CheckSamples(setup.place(x), y.to(setup.device), indices[:CHECK_SAMPLES])
+        """The indicators of attack failure on the cell's check samples, after its attacks."""
 
         def surrogate(name: str) -> nn.Module:
             return self.surrogate(cell, protocol.surrogate(name))[0]
 
-        return measure_indicators(variant, versions, cell.threat, check, setup, checks, kept.rows, surrogate)
+        return measure_indicators(
+            variant, versions, cell.threat, check, setup, checks, out, recorder, kept.rows, surrogate
+        )
 
     def _key_columns(self, cell: Cell) -> dict[str, Any]:
         m = cell.model
