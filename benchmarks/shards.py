@@ -15,7 +15,7 @@ AutoAttack on 10,000 samples, each against its lower bound (the longer of the cr
 and the total work over 8 devices), for the task graph and for the old design (one task per
 model group, waiting on locks while holding its GPU).
 
-    python benchmarks/shards.py [--n-pgd 2000] [--n-aa 500] [--smoke]
+    python benchmarks/shards.py [--n-pgd 2000] [--n-aa 500] [--cache-dir DIR] [--smoke]
 
 About 25 minutes on 2 idle cores (AutoAttack dominates); ``--smoke`` takes a minute.
 """
@@ -60,10 +60,15 @@ def cell(protocol: str, n: int, shard_size: int, execution: Execution = LOCAL) -
     )
 
 
+CACHE: list[Path] = []
+"""The model cache every run shares (``--cache-dir``, or a temporary folder)."""
+
+
 def timed(benchmark: Benchmark, tmp: Path, name: str) -> tuple[float, pd.DataFrame, pd.DataFrame]:
     """Wall seconds of ``benchmark`` (its model from the shared cache), its cells and samples."""
     start = time.perf_counter()
-    run(benchmark, pm=get_plugin_manager(), run_dir=tmp / name, cache_dir=tmp / "cache", device="cpu")
+    cache = CACHE[0] if CACHE else tmp / "cache"
+    run(benchmark, pm=get_plugin_manager(), run_dir=tmp / name, cache_dir=cache, device="cpu")
     seconds = time.perf_counter() - start
     store = RunStore(tmp / name)
     samples = store.read_samples().sort_values(["sample", "version"]).reset_index(drop=True)
@@ -211,8 +216,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n-pgd", type=int, default=2000, help="samples of the whitebox-pgd cell")
     parser.add_argument("--n-aa", type=int, default=500, help="samples of the autoattack cell")
+    parser.add_argument("--cache-dir", type=Path, help="model cache to reuse (default: a temporary one)")
     parser.add_argument("--smoke", action="store_true", help="a tiny, fast setting (the benchmark smoke test)")
     args = parser.parse_args(argv)
+    if args.cache_dir:
+        CACHE.append(args.cache_dir)
     n_pgd, n_aa = (20, 10) if args.smoke else (args.n_pgd, args.n_aa)
     if args.smoke:
         DEFENSE[0] = PluginSpec.of("advt", {"train_subset": 500, "epochs": 1, "attack_steps": 1})

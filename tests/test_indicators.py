@@ -13,14 +13,14 @@ import robench_traps
 import torch
 from torch import nn
 
-from robench.context import Threat
+from robench.context import ImageData, Progress, Threat
 from robench.defense import Variant
 from robench.discover.manager import get_plugin_manager
 from robench.discover.registry import Registries
-from robench.execute.attacktrace import separable_groups, still_moving
-from robench.execute.engine import Setup
+from robench.execute.attacktrace import isolated, still_moving
+from robench.execute.engine import Setup, evaluate
 from robench.execute.gradientpath import skip_gradient_versions
-from robench.execute.indicators import CheckSamples, Indicators, measure_indicators
+from robench.execute.indicators import CheckSamples, Indicators, measure_indicators, path_recorder
 from robench.execute.modelcheck import as_evaluated, check_model
 from robench.execute.versions import expand
 from robench.plugin import PluginSpec
@@ -46,19 +46,19 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, nn.Modu
     return _trained(0, tmp_path_factory.mktemp("s")).eval(), _trained(1, tmp_path_factory.mktemp("t")).eval()
 
 
-def _data() -> tuple[torch.Tensor, torch.Tensor]:
-    return tiny_data(32, SHAPE, seed=5).batch(torch.arange(32))
+def _data() -> ImageData:
+    return tiny_data(32, SHAPE, seed=5)
 
 
 def _indicators(
     model: nn.Module,
     protocol: Protocol,
     eps: float = 0.1,
-    data: tuple[torch.Tensor, torch.Tensor] | None = None,
+    data: ImageData | None = None,
     rows: dict[int, torch.Tensor] | None = None,
     surrogate: nn.Module | None = None,
 ) -> Indicators:
-    """The indicators of ``model`` (checked and evaluated as the runner does) under ``protocol``."""
+    """The indicators of ``model`` under ``protocol`` on 32 samples, all of them check samples."""
     return _prepared(model, protocol, eps, data, rows, surrogate)()
 
 
@@ -66,48 +66,73 @@ def _prepared(
     model: nn.Module,
     protocol: Protocol,
     eps: float = 0.1,
-    data: tuple[torch.Tensor, torch.Tensor] | None = None,
+    data: ImageData | None = None,
     rows: dict[int, torch.Tensor] | None = None,
     surrogate: nn.Module | None = None,
 ) -> Callable[[], Indicators]:
-    """:func:`measure_indicators` of ``model`` under ``protocol``, once the model checks ran."""
-    x, y = data if data is not None else _data()
+    """The cell evaluated as the session does (checks, versions, the attacks with the path
+    recorded); :func:`measure_indicators` left to call."""
+    data = data if data is not None else _data()
+    indices = torch.arange(len(data))
+    x, y = data.batch(indices)
     variant = Variant("model", model.eval())
     checks = check_model(variant, x, y, SHAPE.num_classes)
     versions = skip_gradient_versions(expand(protocol, REGISTRIES, "linf"), REGISTRIES, checks.no_gradient)
-    setup = Setup(key="indicators", batch_size=32, device=torch.device("cpu"), exhaustive=False)
-    check = CheckSamples(x, y, torch.arange(len(y)))
-    evaluated = as_evaluated(variant, checks)
+    setup = Setup(key="indicators", batch_size=32, device=torch.device("cpu"), exhaustive=False, votes=5, eot=10)
+    evaluated, threat, check = as_evaluated(variant, checks), Threat("linf", eps), CheckSamples(x, y, indices)
+    recorder = path_recorder(versions, threat, check, data, indices, setup.batch_size)
+    transfer = rows or {}
+    out = evaluate(
+        evaluated,
+        versions,
+        threat,
+        data,
+        indices,
+        setup=setup,
+        transfer=lambda v: transfer[v.index],
+        progress=Progress(),
+        recorder=recorder,
+    )
     return functools.partial(
         measure_indicators,
         evaluated,
         versions,
-        Threat("linf", eps),
+        threat,
         check,
         setup,
         checks,
-        rows or {},
-        lambda _: surrogate or model,
+        out,
+        recorder,
+        transfer,
+        lambda _: surrogate,
     )
 
 
+def _band_data() -> ImageData:
+    """Grey images of mean pixel 0.5, each with one pixel at 0.8 and one at 0.2 in its own
+    places: more than twice eps 0.1 apart from each other, so each one's path is told apart."""
+    images = torch.full((8, 1, 16, 16), 128, dtype=torch.uint8)
+    for i in range(8):
+        images[i].view(-1)[i] = 204
+        images[i].view(-1)[255 - i] = 51
+    return ImageData(images, torch.zeros(8, dtype=torch.long))
+
+
 class _Band(nn.Module):
-    """Predicts class 1 only while the mean pixel is within 0.03 of 0.6, and class 0 elsewhere;
+    """Predicts class 1 only while the mean pixel is within 0.01 of 0.542, and class 0 elsewhere;
     its gradient always pushes the mean pixel up (the band is read from a detached value), so
-    a sign-gradient attack starting at 0.5 walks through the band and out of it."""
+    a sign-gradient attack from 0.502 in steps of 0.04 lands in the band once and walks out."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = x.flatten(1).mean(dim=1)
-        band = 10.0 * ((s.detach() - 0.6).abs() < 0.03).float()
+        band = 10.0 * ((s.detach() - 0.542).abs() < 0.01).float()
         return torch.stack([1 - 0.1 * s, band, torch.zeros_like(s), torch.zeros_like(s)], dim=1)
 
 
 @pytest.mark.parametrize(("stop_on_success", "expected"), [(False, 1.0), (True, 0.0)])
 def test_silent_success_fires_when_the_last_iterate_is_returned(stop_on_success: bool, expected: float) -> None:
-    # identical images: the path is recorded per sample even when rows cannot be told apart
-    x, y = torch.full((8, 1, 16, 16), 0.5), torch.zeros(8, dtype=torch.long)
-    params = {**PGD10, "step_size": 1 / 3, "random_start": False, "stop_on_success": stop_on_success}
-    found = _indicators(_Band(), single_attack(PluginSpec.of("pgd", params)), eps=0.3, data=(x, y))
+    params = {**PGD10, "step_size": 0.4, "random_start": False, "stop_on_success": stop_on_success}
+    found = _indicators(_Band(), single_attack(PluginSpec.of("pgd", params)), eps=0.1, data=_band_data())
     assert found.silent_success == expected
     assert ("silent_success" in found.fired()) == (expected > 0)
 
@@ -132,7 +157,7 @@ def test_transfer_failure_fires_when_examples_fool_their_surrogate_only(models: 
     use = AttackUse(PluginSpec.of("pgd", PGD10), "s")
     protocol = Protocol("transfer", uses=(use,), surrogates=(Surrogate("s"),))
     (version,) = expand(protocol, REGISTRIES, "linf")
-    x, y = _data()
+    x, y = _data().batch(torch.arange(32))
     x_adv = version.attack.perturb(surrogate, x, y, Threat("linf", 0.2), torch.arange(32))
     assert float((surrogate(x_adv).argmax(dim=1) != y).float().mean()) > 0.5  # the attack works on it
     rows = {version.index: x_adv}
@@ -178,10 +203,37 @@ def test_indicators_do_not_move_the_global_generators(models: tuple[nn.Module, n
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_separable_groups_part_near_duplicates_only() -> None:
-    x = torch.stack([torch.zeros(1, 4, 4), torch.ones(1, 4, 4), torch.zeros(1, 4, 4), torch.full((1, 4, 4), 0.05)])
-    assert separable_groups(x, Threat("linf", 0.1)) == [[0, 1], [2], [3]]
-    assert separable_groups(x, Threat("linf", 0.01)) == [[0, 1, 3], [2]]
+def test_the_recorded_path_changes_no_result_and_follows_each_sample_until_fooled() -> None:
+    model, data = tiny_model(SHAPE), _data()
+    indices = torch.arange(32)
+    x, y = data.batch(indices)
+    versions = expand(single_attack(PluginSpec.of("pgd", PGD10)), REGISTRIES, "linf")
+    setup = Setup(key="path", batch_size=32, device=torch.device("cpu"), exhaustive=False)
+    threat, check = Threat("linf", 0.1), CheckSamples(x, y, indices)
+    recorder = path_recorder(versions, threat, check, data, indices, 32)
+    assert recorder is not None and bool(recorder.usable.all())
+    variant = Variant("model", model)
+    run = functools.partial(evaluate, variant, versions, threat, data, indices, setup=setup, transfer=lambda v: x)
+    watched, plain = run(progress=Progress(), recorder=recorder), run(progress=Progress())
+    assert torch.equal(watched.versions[0], plain.versions[0]) and torch.equal(watched.robust, plain.robust)
+    fooled = (watched.clean & ~watched.versions[0]).tolist()
+    assert 0 < sum(fooled) < sum(watched.clean.tolist())  # some samples leave the batch early, some stay
+    for i, hit in enumerate(fooled):
+        if not watched.clean[i]:
+            assert recorder.path.losses[i] == []  # never attacked
+            continue
+        # stop on success: queried at each iterate until one fools it, then frozen
+        first = recorder.path.fooled[i].index(True) if hit else 10
+        assert len(recorder.path.losses[i]) == min(first + 1, 10)
+
+
+def test_near_duplicate_samples_have_no_readable_path() -> None:
+    images = torch.zeros(4, 1, 4, 4, dtype=torch.uint8)
+    images[1], images[3] = 255, 13  # 13/255 = 0.05 from sample 0 and sample 2 (a duplicate of 0)
+    data, indices = ImageData(images, torch.zeros(4, dtype=torch.long)), torch.arange(4)
+    clean = data.batch(indices[:2])[0]
+    assert isolated(clean, data, indices, Threat("linf", 0.1), 2).tolist() == [False, True]
+    assert isolated(clean, data, indices, Threat("linf", 0.01), 3).tolist() == [False, True]  # 0 and 2 are equal
 
 
 def test_columns_say_ok_or_which_fired_and_na_for_corruption_cells() -> None:

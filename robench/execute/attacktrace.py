@@ -1,28 +1,29 @@
-"""The optimisation path of one attack run: what silent success and incomplete optimisation read.
+"""The optimisation path of a cell's attack on its check samples: what silent success and
+incomplete optimisation read.
 
 Pintor et al.'s indicators read the attack's path (``attack.x_seq`` in SecML): every iterate
 and the attacker's loss there. robench's attacks are plugins that return only their result,
-so :class:`Trace` wraps the model they attack and records every forward pass instead: an
-iterative attack evaluates the model at each iterate, so its queries are its path. Each
-queried row is matched to the sample it perturbs (the clean input within the threat's
-radius), which also follows attacks that drop samples from their batch once they are
-fooled. The match is unambiguous when the batch's clean inputs lie more than twice the
-radius apart; :func:`traced_run` attacks the samples in groups that do (one group, unless
-some images are near-duplicates), which changes nothing for attacks whose random draws are
-keyed per sample. A row that matches no sample (an attack that queries transformed inputs,
-such as input diversity) makes the path unusable, and the indicators that need it are then
-not computed.
+so a :class:`PathRecorder` wraps the model the cell's first white-box version attacks, while
+the cell runs it, and records the forward passes instead: an iterative attack evaluates the
+model at each iterate, so its queries are its path. This costs no attack run of its own.
+
+Each queried row is matched to the check sample it perturbs: the one whose clean input lies
+within the threat's radius. The match cannot mistake another sample of the batch for it if
+no other sample of the evaluation subset lies within twice the radius; check samples with
+such a near-duplicate (:func:`isolated`) are left out. Rows that match no check sample are
+the other samples of the batch, or inputs an attack transformed before querying (input
+diversity): a check sample the version attacked with no recorded row has no readable path.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from robench.attack import Attack
-from robench.context import Threat
+from robench.context import ImageData, Threat
 from robench.losses import LossFn, cross_entropy, get_loss
 
 MATCH_SLACK = 1e-4
@@ -41,92 +42,92 @@ def attack_loss(attack: object) -> LossFn:
 
 @dataclass
 class AttackPath:
-    """Per check sample, the attacker's loss and the attacked model's verdict at each query;
-    ``usable`` is False once a queried row matched no sample."""
+    """Per check sample, the attacker's loss and the attacked model's verdict at each query."""
 
     losses: list[list[float]]
     fooled: list[list[bool]]
-    usable: bool = True
 
 
-class Trace(nn.Module):
-    """The attacked model, recording the path of the attack that queries it.
+@dataclass
+class PathRecorder:
+    """Records the path of version ``version`` on the check samples while the cell attacks them.
 
-    :param model: the model the attack differentiates (with EOT for randomized models)
-    :param clean: the check samples' clean inputs
+    :param version: index of the version to record (the engine wraps its model with :meth:`wrap`)
+    :param clean: the check samples' clean inputs (on the models' device)
     :param y: their labels
-    :param threat: the threat the attack runs under (its radius matches rows to samples)
+    :param threat: the cell's threat (its radius matches rows to samples)
     :param loss: the attacker's per-sample loss
+    :param usable: check samples without a near-duplicate in the subset (see :func:`isolated`)
     """
 
-    def __init__(self, model: nn.Module, clean: Tensor, y: Tensor, threat: Threat, loss: LossFn) -> None:
-        super().__init__()
-        self.model, self.threat, self.loss = model, threat, loss
-        self.clean, self.y = clean.detach().flatten(1).float(), y
-        self.path = AttackPath([[] for _ in range(len(y))], [[] for _ in range(len(y))])
+    version: int
+    clean: Tensor
+    y: Tensor
+    threat: Threat
+    loss: LossFn
+    usable: Tensor
+    path: AttackPath = field(init=False)
+    seconds: float = 0.0
+    """Time spent recording (inside the attack's own time)."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        """The model's output; records each row's loss and verdict under its sample."""
-        out: Tensor = self.model(x)
-        with torch.no_grad():
-            self.record(x.detach(), out.detach())
-        return out
+    def __post_init__(self) -> None:
+        self.path = AttackPath([[] for _ in range(len(self.y))], [[] for _ in range(len(self.y))])
+        self._flat = self.clean.detach().flatten(1).float()
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """``model``, recording every query into this recorder."""
+        return _Recording(model, self)
 
     def record(self, x: Tensor, out: Tensor) -> None:
-        """Add one query of rows ``x`` with outputs ``out`` to the path."""
+        """Add the rows of one query that perturb a usable check sample."""
+        start = time.perf_counter()
         who = self.match(x)
-        if bool((who < 0).any()):
-            self.path.usable = False
-            return
-        y = self.y[who]
-        losses, fooled = self.loss(out.float(), y), out.argmax(dim=1) != y
-        for i, loss, hit in zip(who.tolist(), losses.tolist(), fooled.tolist(), strict=True):
-            self.path.losses[i].append(loss)
-            self.path.fooled[i].append(hit)
+        rows = (who >= 0).nonzero().squeeze(1)
+        if len(rows):
+            at = who[rows]
+            logits, y = out[rows.to(out.device)].float(), self.y[at.to(self.y.device)]
+            losses, fooled = self.loss(logits, y), logits.argmax(dim=1) != y
+            for i, loss, hit in zip(at.tolist(), losses.tolist(), fooled.tolist(), strict=True):
+                self.path.losses[i].append(loss)
+                self.path.fooled[i].append(hit)
+        self.seconds += time.perf_counter() - start
 
     def match(self, x: Tensor) -> Tensor:
-        """For each row, the index of the clean sample it lies within the radius of, else -1."""
-        if x.dim() < 2 or x[0].numel() != self.clean.shape[1]:
+        """For each row, the usable check sample it lies within the radius of, else -1 (on the CPU)."""
+        if x.dim() < 2 or x[0].numel() != self._flat.shape[1]:
             return torch.full((len(x),), -1, dtype=torch.long)
         p = float("inf") if self.threat.norm == "linf" else 2.0
-        dist = torch.cdist(x.flatten(1).float(), self.clean.to(x.device), p=p)
-        nearest, who = dist.min(dim=1)
-        return torch.where(nearest <= self.threat.eps + MATCH_SLACK, who, torch.full_like(who, -1)).cpu()
+        nearest, who = torch.cdist(x.detach().flatten(1).float(), self._flat.to(x.device), p=p).min(dim=1)
+        who = who.cpu()
+        near = (nearest <= self.threat.eps + MATCH_SLACK).cpu() & self.usable[who]
+        return torch.where(near, who, torch.full_like(who, -1))
 
 
-def traced_run(
-    attack: Attack, model: nn.Module, x: Tensor, y: Tensor, threat: Threat, keys: Tensor, loss: LossFn
-) -> tuple[Tensor, AttackPath]:
-    """``attack``'s adversarial inputs for ``x`` and its path, the returned point last."""
-    x_adv = x.clone()
-    path = AttackPath([[] for _ in range(len(y))], [[] for _ in range(len(y))])
-    for group in separable_groups(x, threat):
-        at = torch.tensor(group, device=x.device)
-        trace = Trace(model, x[at], y[at], threat, loss)
-        out = attack.perturb(trace, x[at], y[at], threat, keys[at.cpu()]).detach()
+class _Recording(nn.Module):
+    """A model whose forward passes go into a :class:`PathRecorder`."""
+
+    def __init__(self, model: nn.Module, recorder: PathRecorder) -> None:
+        super().__init__()
+        self.model, self.recorder = model, recorder
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The model's output; the recorder keeps each check sample's loss and verdict."""
+        out: Tensor = self.model(x)
         with torch.no_grad():
-            trace.record(out, model(out))  # the returned point closes the path
-        x_adv[at] = out
-        for j, i in enumerate(group):
-            path.losses[i], path.fooled[i] = trace.path.losses[j], trace.path.fooled[j]
-        path.usable &= trace.path.usable
-    return x_adv, path
+            self.recorder.record(x.detach(), out.detach())
+        return out
 
 
-def separable_groups(x: Tensor, threat: Threat) -> list[list[int]]:
-    """Positions of ``x`` in groups (greedily, in order) whose members lie more than twice the
-    threat's radius apart, so that every point of a member's ball is nearest to that member."""
+def isolated(clean: Tensor, data: ImageData, indices: Tensor, threat: Threat, batch_size: int) -> Tensor:
+    """Which of ``clean`` (the first samples of ``indices``) have no other sample of the subset
+    within twice the threat's radius: rows near them can only be their own perturbations."""
     p = float("inf") if threat.norm == "linf" else 2.0
-    flat = x.detach().flatten(1).float()
-    close = (torch.cdist(flat, flat, p=p) <= 2 * (threat.eps + MATCH_SLACK)).cpu()
-    groups: list[list[int]] = []
-    for i in range(len(x)):
-        home = next((g for g in groups if not bool(close[i, g].any())), None)
-        if home is None:
-            groups.append([i])
-        else:
-            home.append(i)
-    return groups
+    flat = clean.detach().flatten(1).float().cpu()
+    neighbours = torch.zeros(len(flat), dtype=torch.long)
+    for start in range(0, len(indices), batch_size):
+        others = data.batch(indices[start : start + batch_size])[0].flatten(1).float()
+        neighbours += (torch.cdist(flat, others, p=p) <= 2 * (threat.eps + MATCH_SLACK)).sum(dim=1)
+    return neighbours <= 1  # itself
 
 
 def still_moving(losses: list[float], window: int, move: float) -> bool:

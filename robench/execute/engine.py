@@ -13,6 +13,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,17 @@ _TOLERANCE = 1e-5  # float slack when checking the eps-ball
 
 # version -> adversarial inputs for every sample of the evaluation subset (transfer versions)
 TransferSource = Callable[[Version], Tensor]
+
+
+class Recorder(Protocol):
+    """Watches one version's attack (robench/execute/attacktrace.py records its path)."""
+
+    version: int
+    """Index of the version whose attacked model :meth:`wrap` wraps."""
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The model that version attacks, watched."""
+        ...
 
 
 class ThreatViolation(RobenchError):
@@ -127,10 +139,25 @@ def evaluate(
     setup: Setup,
     transfer: TransferSource,
     progress: Progress,
+    recorder: Recorder | None = None,
 ) -> Outcome:
-    """Clean and all-or-nothing robust outcomes of ``variant`` on ``data[indices]``."""
+    """Clean and all-or-nothing robust outcomes of ``variant`` on ``data[indices]``.
+
+    :param recorder: watches the attacked model while its version runs (the indicators of
+        attack failure read the path); it changes no result
+    """
     with deterministic(setup.device):
-        return _evaluate(variant, versions, threat, data, indices, setup=setup, transfer=transfer, progress=progress)
+        return _evaluate(
+            variant,
+            versions,
+            threat,
+            data,
+            indices,
+            setup=setup,
+            transfer=transfer,
+            progress=progress,
+            recorder=recorder,
+        )
 
 
 def _evaluate(
@@ -143,6 +170,7 @@ def _evaluate(
     setup: Setup,
     transfer: TransferSource,
     progress: Progress,
+    recorder: Recorder | None,
 ) -> Outcome:
     start = time.perf_counter()
     judge = Judge(setup.place_model(variant.model), setup.votes if variant.randomized else 1)
@@ -160,7 +188,9 @@ def _evaluate(
                 active = torch.zeros_like(robust)
                 correct = torch.ones_like(robust)
             elif version.use.source is None:
-                correct, losses = _whitebox(judge, grad_model, version, threat, data, indices, active, setup)
+                watched = recorder is not None and recorder.version == version.index
+                model = recorder.wrap(grad_model) if watched and recorder is not None else grad_model
+                correct, losses = _whitebox(judge, model, version, threat, data, indices, active, setup)
                 outcome.clean_loss += losses[0]
                 outcome.adv_loss += losses[1]
             else:

@@ -3,17 +3,17 @@
 An attack that fails silently reports a model as robust when it only defeated the attack.
 Pintor et al. give six measurable symptoms; robench computes each for every cell, as the
 authors' code does (``pralab/IndicatorsOfAttackFailure``, ``src/indicators/indicators.py``;
-the thresholds are theirs where their code has one), on the cell's check samples: the first
+thresholds are theirs where their code has one), on the cell's check samples: the first
 :data:`~robench.execute.modelcheck.CHECK_SAMPLES` of its subset, the samples the model
-checks use. So an indicator is one number per cell whatever executes the cell's attack, in
-one piece or in shards, and costs a few attack runs on 32 samples:
+checks use. So each indicator is one number per cell, whichever process attacks which of
+its samples:
 
 1. **silent success**: the attack's path reached an adversarial point but it returned a
-   point that is not (engines that return the last iterate); share of the correctly
-   classified check samples;
-2. **incomplete optimisation**: among the samples the attack failed on, the share whose
-   loss, rescaled to [0, 1] along the path and made monotone, still moved by more than
-   0.05 over the last 10 points: more steps, or a larger step, would have helped;
+   point that is not (engines that return the last iterate); share of the check samples the
+   attack ran on;
+2. **incomplete optimisation**: among the check samples the attack failed on, the share
+   whose loss, rescaled to [0, 1] along the path and made monotone, still moved by more
+   than 0.05 over the last 10 points: more steps, or larger ones, would have helped;
 3. **transfer failure** (transfer versions): among the transfer examples that fool their
    surrogate, the share the evaluated model still classifies correctly;
 4. **unavailable gradients**: no gradient path, or a zero or vanishing input gradient on
@@ -23,12 +23,13 @@ one piece or in shards, and costs a few attack runs on 32 samples:
 6. **unconstrained attack failure**: the cell's attack without an eps bound (the whole
    [0, 1] box) must fool every correctly classified check sample; the share it does not.
 
-1, 2 and 6 run the cell's first white-box version that is not skipped, from the same
-per-sample keys as in the cell, with its path recorded (robench/execute/attacktrace.py);
-1 and 2 only if it is a gradient attack (a random search such as Square keeps its best point
-and has proposals, not a path).
-They draw from their own keys and fork torch's global generators, so the cell's numbers
-do not depend on them.
+"The cell's attack" is its first white-box version that is not skipped. 1 and 2 read its
+path, recorded while the cell runs it (robench/execute/attacktrace.py), if it is a gradient
+attack (a random search such as Square keeps its best point, and its queries are proposals,
+not a path). 6 reruns it without the bound, from the cell's own per-sample keys, on the
+check samples it did not fool (one fooled inside the eps-ball is fooled inside the box). 5
+and 6 draw from their own keys and fork torch's global generators, so the cell's numbers do
+not depend on them.
 """
 
 from __future__ import annotations
@@ -44,10 +45,10 @@ import torch
 from torch import Tensor, nn
 
 from robench.attack import derive_key, sample_keys, sample_uniform
-from robench.context import Threat
+from robench.context import ImageData, Threat
 from robench.defense import Variant
-from robench.execute.attacktrace import attack_loss, still_moving, traced_run
-from robench.execute.engine import Judge, Setup, TransferSource, deterministic
+from robench.execute.attacktrace import PathRecorder, attack_loss, isolated, still_moving
+from robench.execute.engine import Judge, Outcome, Setup, TransferSource, deterministic
 from robench.execute.modelcheck import ModelChecks
 from robench.execute.versions import ExpectationModel, Version
 from robench.losses import LossFn, cross_entropy
@@ -57,9 +58,9 @@ WINDOW, MOVE = 10, 0.05
 """Incomplete optimisation: the last points of the path, and the least change of the rescaled loss."""
 NOISE_WIDTH = 8 / 255
 """Unstable predictions: noise drawn uniformly in [-width/2, width/2) per input element (the authors' radius)."""
-NOISE_DRAWS = 10
-"""Unstable predictions: noise draws per sample. The authors take 100; 10 over 32 samples is 320
-relative changes, enough for a mean, at a tenth of the cost."""
+NOISE_DRAWS = 4
+"""Unstable predictions: noise draws per sample. The authors take 100; 4 over 32 samples is 128
+relative changes, enough for a mean, for about the forward passes the model checks make."""
 FIRES_ABOVE: dict[str, float] = {
     "silent_success": 0.0,  # any: the number counts a sample the attack had fooled
     "incomplete_optimization": 0.1,  # as the model checks' vanishing share: a tenth of the samples
@@ -76,7 +77,7 @@ NAMES = (
     "unstable_predictions",
     "unconstrained_failure",
 )
-"""The six indicators, in the paper's order of the ``indicators`` column."""
+"""The six indicators, in the paper's order (the ``indicators`` column's)."""
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,8 @@ class CheckSamples:
 class Indicators:
     """One cell's indicators; NaN (``None`` for the boolean) where one does not apply.
 
-    :param attack: the label of the white-box version indicators 1, 2 and 6 ran (or ``""``)
-    :param seconds: time they took
+    :param attack: the label of the version 1, 2 and 6 measure (``""`` without one)
+    :param seconds: time they took, recording the path included
     """
 
     attack: str = ""
@@ -142,6 +143,26 @@ class TransferRows:
         return x_adv
 
 
+def measured_version(versions: list[Version]) -> Version | None:
+    """The cell's attack for indicators 1, 2 and 6: its first white-box version that runs."""
+    return next((v for v in versions if v.use.source is None and not v.skipped), None)
+
+
+def path_recorder(
+    versions: list[Version], threat: Threat, check: CheckSamples, data: ImageData, indices: Tensor, batch_size: int
+) -> PathRecorder | None:
+    """What records the path of :func:`measured_version` on the check samples while the cell
+    runs it; ``None`` when there is no such path (no white-box gradient version, corruption)."""
+    start = time.perf_counter()
+    white = measured_version(versions)
+    if white is None or not white.attack.needs_gradients or threat.norm == "corruption":
+        return None
+    usable = isolated(check.x, data, indices, threat, batch_size)
+    recorder = PathRecorder(white.index, check.x, check.y, threat, attack_loss(white.attack), usable)
+    recorder.seconds = time.perf_counter() - start
+    return recorder
+
+
 def measure_indicators(
     variant: Variant,
     versions: list[Version],
@@ -149,22 +170,27 @@ def measure_indicators(
     check: CheckSamples,
     setup: Setup,
     checks: ModelChecks,
+    outcome: Outcome,
+    recorder: PathRecorder | None,
     transfer_rows: Mapping[int, Tensor],
     surrogate: Callable[[str], nn.Module],
 ) -> Indicators:
     """The indicators of a cell evaluated as ``variant`` (as evaluated: placed, log outputs,
-    randomized if found so) with ``versions``, on its check samples.
+    randomized if found so) with ``versions``, once its attacks ran.
 
+    :param outcome: the cell's outcomes (its first samples are the check samples)
+    :param recorder: the path recorded during the cell's run (:func:`path_recorder`)
     :param transfer_rows: version index -> the check samples' rows of its transfer set
     :param surrogate: surrogate name -> its model, for transfer failure
     """
     start = time.perf_counter()
+    recording = recorder.seconds if recorder is not None else 0.0
     if threat.norm == "corruption":  # no attack ran: nothing to diagnose
         return Indicators(seconds=time.perf_counter() - start)
     devices = [setup.device] if setup.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), deterministic(setup.device):
-        found = _measure(variant, versions, threat, check, setup, checks, transfer_rows, surrogate)
-    return dataclasses.replace(found, seconds=time.perf_counter() - start)
+        found = _measure(variant, versions, threat, check, setup, checks, outcome, recorder, transfer_rows, surrogate)
+    return dataclasses.replace(found, seconds=time.perf_counter() - start + recording)
 
 
 def _measure(
@@ -174,6 +200,8 @@ def _measure(
     check: CheckSamples,
     setup: Setup,
     checks: ModelChecks,
+    outcome: Outcome,
+    recorder: PathRecorder | None,
     transfer_rows: Mapping[int, Tensor],
     surrogate: Callable[[str], nn.Module],
 ) -> Indicators:
@@ -181,78 +209,70 @@ def _measure(
     attacked = setup.place_model(variant.attack_model)
     if variant.randomized and setup.eot > 1:  # what the cell's gradient attacks differentiate
         attacked = ExpectationModel(attacked, setup.eot)
-    clean = judge.correct(check.x, check.y).cpu()
-    white = next((v for v in versions if v.use.source is None and not v.skipped), None)
-    loss = attack_loss(white.attack) if white is not None else cross_entropy
+    n = len(check.y)
+    clean = outcome.clean[:n]
+    white = measured_version(versions)
     share = checks.vanishing_share
     found = Indicators(
         attack=white.label if white is not None else "",
         unavailable_gradients=None if math.isnan(share) else bool(checks.no_gradient) or share > 0,
-        unstable_predictions=_unstable(attacked, loss, check, setup),
+        unstable_predictions=_unstable(attacked, attack_loss(white.attack) if white else cross_entropy, check, setup),
         transfer_failure=_transfer_failure(judge, versions, check, clean, transfer_rows, surrogate, setup),
     )
     if white is None or not clean.any():
         return found
-    silent, incomplete, unconstrained = _white_box(white, judge, attacked, loss, threat, check, clean, setup)
-    return dataclasses.replace(
-        found, silent_success=silent, incomplete_optimization=incomplete, unconstrained_failure=unconstrained
-    )
-
-
-def _white_box(
-    white: Version,
-    judge: Judge,
-    attacked: nn.Module,
-    loss: LossFn,
-    threat: Threat,
-    check: CheckSamples,
-    clean: Tensor,
-    setup: Setup,
-) -> tuple[float, float, float]:
-    """Silent success, incomplete optimisation and unconstrained failure of version ``white``
-    (the first two NaN when its path cannot be read, or is a random search's queries)."""
+    ran = outcome.attacked[white.index][:n] & clean
+    fooled = ran & ~outcome.versions[white.index][:n]
     keys = sample_keys(derive_key(setup.key, white.key()), check.idx)  # the cell's own starts
-    unconstrained = _unconstrained(white, judge, attacked, threat, check, clean, keys)
-    if not white.attack.needs_gradients:
-        # A gradient-free search (Square) keeps its best point, and its queries are proposals,
-        # not iterates: there is no path to read, and rerunning it would cost a whole search.
-        return math.nan, math.nan, unconstrained
-    # as in the cell, only the correctly classified samples are attacked
-    x, y = check.x[clean.to(check.x.device)], check.y[clean.to(check.y.device)]
-    x_adv, path = traced_run(white.attack, attacked, x, y, threat, keys[clean], loss)
-    if not path.usable:  # the attack queried inputs that are not its iterates
-        return math.nan, math.nan, unconstrained
-    survived = judge.correct(x_adv, y).cpu().tolist()
-    # silent success: fooled at some point of the path before the returned one, not at it
-    silent = [ok and any(fooled[:-1]) for ok, fooled in zip(survived, path.fooled, strict=True)]
-    moving = [still_moving(losses, WINDOW, MOVE) for ok, losses in zip(survived, path.losses, strict=True) if ok]
-    return sum(silent) / len(silent), sum(moving) / len(moving) if moving else 0.0, unconstrained
+    missed = _unconstrained(white, judge, attacked, threat, check, clean & ~fooled, keys)
+    found = dataclasses.replace(found, unconstrained_failure=missed / int(clean.sum()))
+    if recorder is None:
+        return found
+    silent, incomplete = _path_indicators(recorder, ran, fooled)
+    return dataclasses.replace(found, silent_success=silent, incomplete_optimization=incomplete)
+
+
+def _path_indicators(recorder: PathRecorder, ran: Tensor, fooled: Tensor) -> tuple[float, float]:
+    """Silent success and incomplete optimisation over the check samples whose path was recorded
+    (NaN when there is none: an attack that queries transformed inputs, such as input diversity)."""
+    path = recorder.path
+    read = [i for i in ran.nonzero().squeeze(1).tolist() if path.fooled[i]]
+    if not read:
+        return math.nan, math.nan
+    missed = [i for i in read if not fooled[i]]
+    # silent success: fooled at some point of the path, not at the point returned
+    silent = sum(any(path.fooled[i]) for i in missed)
+    moving = sum(still_moving(path.losses[i], WINDOW, MOVE) for i in missed)
+    return silent / len(read), moving / len(missed) if missed else 0.0
 
 
 def _unconstrained(
-    white: Version, judge: Judge, attacked: nn.Module, threat: Threat, check: CheckSamples, clean: Tensor, keys: Tensor
-) -> float:
-    """Share of the correctly classified check samples that ``white`` without an eps bound leaves correct."""
-    x, y = check.x[clean.to(check.x.device)], check.y[clean.to(check.y.device)]
+    white: Version, judge: Judge, attacked: nn.Module, threat: Threat, check: CheckSamples, run: Tensor, keys: Tensor
+) -> int:
+    """How many of the check samples ``run`` selects ``white`` without an eps bound leaves correct."""
+    if not run.any():
+        return 0
+    x, y = check.x[run.to(check.x.device)], check.y[run.to(check.y.device)]
     # the whole [0, 1] box: Linf radius 1, L2 radius the box's diagonal
     wide = Threat("linf", 1.0) if threat.norm == "linf" else Threat("l2", float(x[0].numel()) ** 0.5)
-    x_adv = white.attack.perturb(attacked, x, y, wide, keys[clean]).detach()
-    return float(judge.correct(x_adv, y).float().mean())
+    x_adv = white.attack.perturb(attacked, x, y, wide, keys[run]).detach()
+    return int(judge.correct(x_adv, y).sum())
 
 
 def _unstable(attacked: nn.Module, loss: LossFn, check: CheckSamples, setup: Setup) -> float:
     """Mean relative change of the attacker's loss under small uniform noise, clipped to 1."""
     x, y = check.x, check.y
-    with torch.inference_mode():
-        reference = loss(attacked(x).float(), y)
-        scale = torch.where(reference == 0, torch.ones_like(reference), reference.abs())
-        total = 0.0
-        for draw in range(NOISE_DRAWS):
-            keys = sample_keys(derive_key(setup.key, "unstable-predictions", draw), check.idx)
-            noise = sample_uniform(keys, x.shape[1:], -NOISE_WIDTH / 2, NOISE_WIDTH / 2).to(x.device)
-            changed = loss(attacked((x + noise).clamp(0, 1)).float(), y)
-            total += float(((reference - changed).abs() / scale).mean())
-    return min(total / NOISE_DRAWS, 1.0)
+    noise = [
+        sample_uniform(sample_keys(derive_key(setup.key, "unstable-predictions", draw), check.idx), x.shape[1:], -1, 1)
+        for draw in range(NOISE_DRAWS)
+    ]
+    inputs = torch.cat([x, *((x + NOISE_WIDTH / 2 * d.to(x.device)).clamp(0, 1) for d in noise)])
+    with torch.inference_mode():  # the draws in batches, as the cell batches its samples
+        out = torch.cat([attacked(inputs[i : i + setup.batch_size]) for i in range(0, len(inputs), setup.batch_size)])
+        losses = loss(out.float(), y.repeat(NOISE_DRAWS + 1)).view(NOISE_DRAWS + 1, len(y))
+    reference = losses[0]
+    scale = torch.where(reference == 0, torch.ones_like(reference), reference.abs())
+    return min(float(((losses[1:] - reference).abs() / scale).mean()), 1.0)
 
 
 def _transfer_failure(

@@ -21,7 +21,7 @@ from robench.cell import Cell, ModelKey
 from robench.context import ImageData, Progress
 from robench.execute.engine import Setup, evaluate
 from robench.execute.events import Prepared
-from robench.execute.indicators import CheckSamples, Indicators, TransferRows, measure_indicators
+from robench.execute.indicators import CheckSamples, TransferRows, measure_indicators, path_recorder
 from robench.execute.modelcheck import CHECK_SAMPLES, as_evaluated
 from robench.execute.rows import now
 from robench.execute.shards import Part
@@ -93,8 +93,16 @@ def evaluate_shard(session: Session, cell: Cell, prepared: Prepared, index: int)
     variant = as_evaluated(declared, prepared.checks)
     versions = session.versions(cell, prepared)
     transfer = TransferSource(session, cell, prepared.protocol, setup, data, indices)
-    # shard 0 keeps the check samples' transfer examples, for the cell's indicators
-    kept = TransferRows(transfer, CHECK_SAMPLES) if index == 0 else transfer
+    # shard 0 measures the cell's indicators on its check samples (the first of the subset):
+    # it keeps their transfer examples and records its attack's path on them
+    check, recorder = None, None
+    kept: TransferSource | TransferRows = transfer
+    if index == 0:
+        n = min(CHECK_SAMPLES, part.stop)
+        x, y = data.batch(indices[:n])
+        check = CheckSamples(setup.place(x), y.to(setup.device), indices[:n])
+        recorder = path_recorder(versions, cell.threat, check, data, indices[part], setup.batch_size)
+        kept = TransferRows(transfer, n)
     out = evaluate(
         variant,
         versions,
@@ -104,10 +112,18 @@ def evaluate_shard(session: Session, cell: Cell, prepared: Prepared, index: int)
         setup=setup,
         transfer=lambda version: kept(version)[part],
         progress=session.progress,
+        recorder=recorder,
     )
     indicators: dict[str, object] = {}
-    if isinstance(kept, TransferRows):  # per cell, on its check samples: computed once, with shard 0
-        found = _indicators(session, cell, prepared, variant, versions, kept, data, indices, setup)
+    if check is not None and isinstance(kept, TransferRows):
+        protocol = prepared.protocol
+
+        def surrogate(name: str) -> nn.Module:
+            return session.surrogate(cell, protocol.surrogate(name))[0]
+
+        found = measure_indicators(
+            variant, versions, cell.threat, check, setup, prepared.checks, out, recorder, kept.rows, surrogate
+        )
         indicators = found.columns()
     provenance = {
         "device": str(session.device),
@@ -129,26 +145,3 @@ def evaluate_shard(session: Session, cell: Cell, prepared: Prepared, index: int)
         provenance=provenance,
         indicators=indicators,
     )
-
-
-def _indicators(
-    session: Session,
-    cell: Cell,
-    prepared: Prepared,
-    variant: robench.Variant,
-    versions: list[Version],
-    kept: TransferRows,
-    data: ImageData,
-    indices: torch.Tensor,
-    setup: Setup,
-) -> Indicators:
-    """The indicators of attack failure on the cell's check samples (after shard 0's
-    attacks, so that they read its transfer sets without loading them again)."""
-    x, y = data.batch(indices[:CHECK_SAMPLES])
-    check = CheckSamples(setup.place(x), y.to(setup.device), indices[:CHECK_SAMPLES])
-    protocol = prepared.protocol
-
-    def surrogate(name: str) -> nn.Module:
-        return session.surrogate(cell, protocol.surrogate(name))[0]
-
-    return measure_indicators(variant, versions, cell.threat, check, setup, prepared.checks, kept.rows, surrogate)
