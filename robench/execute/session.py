@@ -29,6 +29,7 @@ from robench.discover.registry import Registries
 from robench.execute.corruption import corruption_columns, without_gradient_checks
 from robench.execute.efficiency import measure
 from robench.execute.engine import Setup, deterministic, evaluate
+from robench.execute.eotcheck import eot_check, eot_columns
 from robench.execute.events import CellStarted, Group
 from robench.execute.modelcache import ModelCache, ModelFactory, data_fingerprint
 from robench.execute.modelcheck import (
@@ -180,6 +181,7 @@ class Session:
             out = evaluate(
                 variant, versions, cell.threat, data, indices, setup=setup, transfer=transfer, progress=self.progress
             )
+            eot = eot_check(variant, versions, out, cell.threat, data, indices, setup)
         eff = measure(
             declared.model,
             data.batch(indices[:1])[0].to(self.device),
@@ -193,6 +195,7 @@ class Session:
             **scores(out, len(indices)),
             **check_columns(checks, declared.randomized, out, versions[own:] if checks.vanishing else []),
             **corruption_columns(p, versions, out),
+            **eot_columns(eot),
             "status": "ok",
             "error": "",
             "n_versions": len(versions),
@@ -221,6 +224,7 @@ class Session:
             "started_at": started,
             "finished_at": now(),
         }
+        row["check_seconds"] += 0.0 if eot is None else eot.seconds  # the EOT probe is a check too
         return CellResult(row, sample_rows(cell.key, indices, out))
 
     def _check(

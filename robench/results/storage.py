@@ -35,10 +35,9 @@ import pyarrow.parquet as pq
 
 from robench.errors import DamagedFileWarning
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
-"""Schema versions this robench reads. Version 2 added the corruption columns (nullable; a
-version-1 file reads with them null) and the ``corruption`` norm: older folders stay readable."""
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+"""Readable versions: 2 added the corruption columns, 3 the EOT probe's (nullable: null in older files)."""
 
 # name, type, meaning: the schema is written down once, here.
 _CELL_COLUMNS: list[tuple[str, pa.DataType, str]] = [
@@ -94,7 +93,7 @@ _CELL_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("flag_randomized_without_eot", pa.bool_(), "sanity: a randomized variant attacked without EOT"),
     ("checks", pa.string(), "model checks run before the attack: 'ok', or the checks that fired, comma-separated"),
     ("check_samples", pa.int32(), "evaluation samples the model checks ran on (the first of the subset)"),
-    ("check_seconds", pa.float64(), "seconds the model checks took (not part of attack_seconds)"),
+    ("check_seconds", pa.float64(), "seconds the model checks and the EOT probe took (not in attack_seconds)"),
     ("check_randomized", pa.bool_(), "check: repeated predictions on the same inputs differed (declared or not)"),
     ("flag_undeclared_randomness", pa.bool_(), "check: undeclared random prediction; evaluated as randomized"),
     ("flag_probability_outputs", pa.bool_(), "check: outputs are probabilities (>= 0, sum 1); attacks got their log"),
@@ -127,6 +126,11 @@ _CELL_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("corruption_s4_acc", pa.float64(), "corruption: mean accuracy over the corruptions at severity 4"),
     ("corruption_s5_acc", pa.float64(), "corruption: mean accuracy over the corruptions at severity 5"),
     ("corruption_table", pa.string(), "corruption: JSON corruption -> accuracy per severity, in order (else empty)"),
+    ("eot_half", pa.int32(), "EOT probe (randomized variants): the first white-box version rerun with these draws"),
+    ("eot_half_acc", pa.float64(), "EOT probe: robust accuracy under that version with eot_half draws"),
+    ("eot_full_acc", pa.float64(), "EOT probe: robust accuracy under that version with every draw (the cell's run)"),
+    ("eot_p", pa.float64(), "EOT probe: one-sided exact McNemar p-value that doubling the draws lowered it"),
+    ("flag_eot_not_converged", pa.bool_(), "sanity: doubling EOT draws lowered robust accuracy (p < 0.05); raise eot"),
 ]
 
 _SAMPLE_COLUMNS: list[tuple[str, pa.DataType, str]] = [
@@ -234,10 +238,8 @@ class RunStore:
         key = result.row["cell_key"]
         samples = result.samples or {name: [] for name in SAMPLE_SCHEMA.names}
         _atomic_parquet(pa.Table.from_pydict(samples, schema=SAMPLE_SCHEMA), self.path / "samples" / f"{key}.parquet")
-        row = {name: [result.row.get(name)] for name in CELL_SCHEMA.names}
-        row["schema_version"] = [SCHEMA_VERSION]
         target = self.path / "cells" / f"{key}.parquet"
-        _atomic_parquet(pa.Table.from_pydict(row, schema=CELL_SCHEMA), target)
+        _write_row({**result.row, "schema_version": SCHEMA_VERSION}, target)
         return target
 
     def read_cells(self) -> pd.DataFrame:
@@ -260,9 +262,7 @@ class RunStore:
     def rewrite_cells(self, table: pd.DataFrame) -> None:
         """Store updated rows (e.g. sanity flags) of finished cells, each atomically."""
         for row in table.to_dict("records"):
-            data = {name: [row.get(name)] for name in CELL_SCHEMA.names}
-            target = self.path / "cells" / f"{row['cell_key']}.parquet"
-            _atomic_parquet(pa.Table.from_pydict(data, schema=CELL_SCHEMA), target)
+            _write_row(row, self.path / "cells" / f"{row['cell_key']}.parquet")
 
     def read_manifest(self) -> dict[str, Any]:
         """The run's manifest."""
@@ -299,6 +299,14 @@ def check_row(result: CellResult) -> None:
         )
     if result.samples and set(result.samples) != set(SAMPLE_SCHEMA.names):
         raise ValueError(f"samples columns {sorted(result.samples)} are not the schema's {SAMPLE_SCHEMA.names}")
+
+
+def _write_row(row: dict[Any, Any], target: Path) -> None:
+    """One cells row, atomically; a NaN (pandas' null) is null in a column that is not float."""
+    values = {name: row.get(name) for name in CELL_SCHEMA.names}
+    exact = {field.name for field in CELL_SCHEMA if not pa.types.is_floating(field.type)}
+    data = {n: [None if n in exact and v != v else v] for n, v in values.items()}  # v != v: NaN
+    _atomic_parquet(pa.Table.from_pydict(data, schema=CELL_SCHEMA), target)
 
 
 def describe_schema() -> Iterator[tuple[str, str, str, str]]:
