@@ -5,11 +5,11 @@ Each protocol is versioned by ``revision``: change it whenever a change would mo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import robench
-from robench import AttackUse, PluginSpec, Protocol, ProtocolDef, Surrogate
+from robench import DEFAULT_EOT, AttackUse, ConfigError, PluginSpec, Protocol, ProtocolDef, Surrogate
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,19 +107,31 @@ class AdvftPGD(ProtocolDef):
 class EOTPGDProtocol(ProtocolDef):
     """PGD with expectation over transformation (EOT-PGD, 50 steps, 5 restarts) for randomized models.
 
+    The attack averages its own gradient draws, so here ``eot`` (like ``eot_iter``) sets the
+    attack's draws per step and the runner adds no expectation of its own.
+
     Args:
-        eot_iter: gradient samples averaged per step.
+        eot_iter: gradient samples averaged per step (``eot`` is the same setting).
     """
 
     name: ClassVar[str] = "eot-pgd"
-    eot_iter: int = 10
+    eot_iter: int = DEFAULT_EOT
 
     def build(self, preset: str) -> Protocol:
         """One EOT-PGD use with its restarts."""
-        attack = PluginSpec.of("eot-pgd", {"steps": 50, "step_size": 0.2, "restarts": 5, "eot_iter": self.eot_iter})
+        draws = self.eot_iter if self.eot is None else self.eot
+        if self.eot is not None and self.eot_iter not in (DEFAULT_EOT, self.eot):
+            raise ConfigError(f"protocol 'eot-pgd': eot={self.eot} and eot_iter={self.eot_iter} disagree; give one")
+        attack = PluginSpec.of("eot-pgd", {"steps": 50, "step_size": 0.2, "restarts": 5, "eot_iter": draws})
         # eot=1: the attack averages gradients itself; the runner's expectation model would
         # multiply the draws
         return Protocol(name=self.name, uses=(AttackUse(attack),), revision=self.revision, eot=1)
+
+    def resolve(self, preset: str) -> Protocol:
+        """:meth:`build`'s protocol (which applies ``eot``) with the ``votes`` given."""
+        settings = self.settings()
+        settings.pop("eot", None)
+        return replace(self.build(preset), **settings)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -36,6 +36,8 @@ _EXPORTS: dict[str, str] = {
     "Cell": "robench.cell",
     "CellResult": "robench.results.storage",
     "CLEAN_SOURCE": "robench.protocol",
+    "DEFAULT_EOT": "robench.protocol",
+    "DEFAULT_VOTES": "robench.protocol",
     "ConfigError": "robench.errors",
     "Context": "robench.context",
     "Corruption": "robench.corruption",
@@ -90,6 +92,8 @@ _EXPORTS: dict[str, str] = {
 __all__ = [
     "BPDA",
     "CLEAN_SOURCE",
+    "DEFAULT_EOT",
+    "DEFAULT_VOTES",
     "SEVERITIES",
     "STANDARD_CORRUPTIONS",
     "AfterStep",
@@ -206,6 +210,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported e
     from robench.plan.config import Benchmark as Benchmark
     from robench.plugin import PluginSpec as PluginSpec
     from robench.protocol import CLEAN_SOURCE as CLEAN_SOURCE
+    from robench.protocol import DEFAULT_EOT as DEFAULT_EOT
+    from robench.protocol import DEFAULT_VOTES as DEFAULT_VOTES
     from robench.protocol import AttackUse as AttackUse
     from robench.protocol import Protocol as Protocol
     from robench.protocol import ProtocolDef as ProtocolDef

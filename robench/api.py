@@ -60,6 +60,8 @@ def evaluate(
         all-or-nothing protocol); give this or ``protocol`` (default: ``pgd``)
     :param protocol: a registered protocol, e.g. ``whitebox-pgd``, ``autoattack``
     :param eps: one radius or several, in [0, 1] pixel units (default: the dataset's)
+    :param protocol_params: the protocol's parameters; with ``attack``, the ``eot`` and ``votes``
+        of its one-attack protocol (the only parameters it takes)
     :param randomized: declare the model's prediction random (EOT and votes); the model
         checks find undeclared randomness anyway and flag it
     :param name: the ``defense`` column of the rows
@@ -80,12 +82,15 @@ def evaluate(
         raise ConfigError(f"robench.evaluate needs a torch.nn.Module, got {type(model).__name__}")
     if attack and protocol:
         raise ConfigError("give attack= or protocol=, not both")
+    settings = dict(protocol_params or {})
     benchmark = robench.Benchmark(
         name=name,
         datasets=(dataset,),
         defenses=(robench.PluginSpec.of(name, {"weights": weights_hash(model)}),),
         attacks=() if protocol else (robench.PluginSpec.of(attack or "pgd", attack_params),),
         protocols=(robench.PluginSpec.of(protocol, protocol_params),) if protocol else (),
+        # protocol_params without a protocol: eot and votes of the attack's one-attack protocol
+        attack_settings=() if protocol or not protocol_params else (robench.PluginSpec.of(attack or "pgd", settings),),
         norm=norm,  # type: ignore[arg-type]  # checked by Benchmark
         eps=tuple(eps) if isinstance(eps, Sequence) else (() if eps is None else (float(eps),)),
         seeds=(seed,),

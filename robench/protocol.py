@@ -13,13 +13,39 @@ white-box protocol of that attack (:func:`single_attack`).
 
 from __future__ import annotations
 
+import difflib
 import json
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, ClassVar, TypedDict
 
 from robench.context import Norm
+from robench.errors import ConfigError
 from robench.plugin import Plugin, PluginSpec
+
+DEFAULT_EOT = 40
+"""Softmax draws averaged per gradient for randomized variants, unless a protocol says otherwise
+(``-P eot=N``). From the curve of robust accuracy against draws (``benchmarks/eot_curve.py``,
+Fashion-MNIST, 200 images, PGD-20 at eps 0.1): the smallest count in 10/20/40/80 that no larger
+one lowered significantly (paired, one-sided p < 0.05) for either model. EIO's ``rgn`` settles
+by 10 (25.0 / 22.5 / 23.0 / 27.5 %); the ``trap-noise`` trap needs 40 (22.5 / 22.5 / 19.0 /
+14.5 %: 10 and 20 against 80, p = 0.01; 40 against 80, p = 0.09). Models noisier still are what
+the per-cell EOT probe (robench/execute/eotcheck.py) is for."""
+
+DEFAULT_VOTES = 5
+"""Resampled predictions per verdict for randomized variants (a majority decides)."""
+
+SETTINGS = ("eot", "votes")
+"""The parameters every protocol takes, the one-attack ones of ``--attack`` included."""
+
+
+class Settings(TypedDict, total=False):
+    """Protocol settings given by the user (those absent keep the protocol's own)."""
+
+    eot: int
+    votes: int
+
 
 CLEAN_SOURCE = "clean"
 """The source of the uses of a ``corruption`` protocol: each use is a fixed transform of the
@@ -73,8 +99,8 @@ class Protocol:
     uses: tuple[AttackUse, ...]
     surrogates: tuple[Surrogate, ...] = ()
     revision: int = 1
-    eot: int = 10
-    votes: int = 5
+    eot: int = DEFAULT_EOT
+    votes: int = DEFAULT_VOTES
     norm: Norm | None = None
 
     def surrogate(self, name: str) -> Surrogate:
@@ -102,19 +128,63 @@ class Protocol:
 
 @dataclass(frozen=True, kw_only=True)
 class ProtocolDef(Plugin, ABC):
-    """Base class for protocol plugins: fields are parameters, :meth:`build` the protocol."""
+    """Base class for protocol plugins: fields are parameters, :meth:`build` the protocol.
+
+    Every protocol also takes ``eot`` and ``votes`` (how randomized variants are attacked and
+    judged); ``None`` keeps what :meth:`build` chose (by default :data:`DEFAULT_EOT` and
+    :data:`DEFAULT_VOTES`). :meth:`resolve` applies them.
+    """
 
     kind: ClassVar[str] = "protocol"
     revision: ClassVar[int] = 1
+    eot: int | None = None
+    votes: int | None = None
 
     @abstractmethod
     def build(self, preset: str) -> Protocol:
         """The concrete protocol for a preset (``smoke`` or ``paper``)."""
 
+    def resolve(self, preset: str) -> Protocol:
+        """:meth:`build`'s protocol with the ``eot`` and ``votes`` given, checked."""
+        return replace(self.build(preset), **self.settings())
 
-def single_attack(spec: PluginSpec) -> Protocol:
-    """The white-box protocol of one attack with its own restarts: what ``--attack`` means."""
-    return Protocol(name=spec.label(), uses=(AttackUse(spec),))
+    def settings(self) -> Settings:
+        """The ``eot`` and ``votes`` given (not ``None``), checked."""
+        given = {k: v for k, v in (("eot", self.eot), ("votes", self.votes)) if v is not None}
+        return check_settings(given, f"protocol {self.name!r}")
+
+
+def check_settings(settings: Mapping[str, Any], where: str) -> Settings:
+    """``settings`` if they are known protocol settings (:data:`SETTINGS`) with valid values.
+
+    :raises ConfigError: an unknown key (with the nearest known one) or a bad value
+    """
+    for key, value in settings.items():
+        if key not in SETTINGS:
+            close = difflib.get_close_matches(key, SETTINGS, n=1)
+            hint = f" Did you mean: {close[0]}?" if close else ""
+            raise ConfigError(
+                f"{where} got unknown parameter {key!r}.{hint} A one-attack protocol (--attack) takes only "
+                f"{', '.join(SETTINGS)}; give the attack's own parameters with -A (in a file: [attacks.NAME])"
+            )
+        low = 0 if key == "eot" else 1  # eot 0: attack one draw (the row is flagged); a verdict needs a vote
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ConfigError(f"{where}: {key} must be an integer >= {low}, got {value!r}")
+    checked = Settings()
+    if "eot" in settings:
+        checked["eot"] = settings["eot"]
+    if "votes" in settings:
+        checked["votes"] = settings["votes"]
+    return checked
+
+
+def single_attack(spec: PluginSpec, settings: Mapping[str, Any] | None = None) -> Protocol:
+    """The white-box protocol of one attack with its own restarts: what ``--attack`` means.
+
+    :param settings: its ``eot`` and ``votes`` (``-P eot=40``), checked
+    """
+    checked = check_settings(settings or {}, f"protocol {spec.label()!r} (--attack {spec.name})")
+    return Protocol(name=spec.label(), uses=(AttackUse(spec),), **checked)
 
 
 def protocol_from_dict(name: str, data: dict[str, Any]) -> Protocol:
@@ -135,4 +205,5 @@ def protocol_from_dict(name: str, data: dict[str, Any]) -> Protocol:
         for s in data.get("surrogates", ())
     )
     uses = tuple(AttackUse(PluginSpec.of(u["attack"], u.get("params")), u.get("source")) for u in data["uses"])
-    return Protocol(name=name, uses=uses, surrogates=surrogates, eot=data.get("eot", 10), votes=data.get("votes", 5))
+    settings = check_settings({k: data[k] for k in SETTINGS if k in data}, f"protocol {name!r}")
+    return Protocol(name=name, uses=uses, surrogates=surrogates, **settings)

@@ -195,6 +195,20 @@ def test_changed_parameters_are_missing_cells_that_name_the_column(runs: dict[st
         check(changed.path, runs["base"])
 
 
+def test_a_new_default_eot_keeps_deterministic_cells_paired(runs: dict[str, Path], tmp_path: Path) -> None:
+    # eot and votes cannot move a deterministic model's numbers: a baseline stored under another
+    # default EOT still pairs; a randomized cell under other EOT settings is another cell
+    other = copy_run(runs["base"], tmp_path / "other-eot")
+    table = other.read_cells()
+    table["protocol_spec"] = table["protocol_spec"].str.replace('"eot":', '"eot":9', regex=False)
+    other.rewrite_cells(table)
+    assert {c.verdict for c in check(other.path, runs["base"]).cells} == {"ok"}
+    table["randomized"] = True
+    other.rewrite_cells(table)
+    with pytest.raises(RunFolderError, match=r"no cells in common.*protocol_spec"):
+        check(other.path, runs["base"])
+
+
 def test_unusable_input_exits_2_with_the_reason(runs: dict[str, Path], tmp_path: Path, shell: Shell) -> None:
     code, out = shell(["check", str(tmp_path), "--baseline", str(runs["base"])])
     assert code == 2 and "is not a robench run folder" in out

@@ -12,6 +12,7 @@ from test_runner import cells, pm, run_tiny  # noqa: F401  (pm is a fixture)
 from torch import Tensor, nn
 
 import robench
+from robench import DEFAULT_EOT, DEFAULT_VOTES
 from robench.execute.engine import Judge
 from robench.execute.versions import ExpectationModel
 from robench.plugin import PluginSpec
@@ -85,8 +86,25 @@ def test_randomized_variants_get_eot_and_votes(pm: pluggy.PluginManager, tmp_pat
     attack = PluginSpec.of("pgd", {"steps": 3, "restarts": 1, "stop_on_success": False})
     table = cells(run_tiny(pm, tmp_path, defenses=(PluginSpec("noisy"),), attacks=(attack,), eps=(0.2,)))
     row = table.iloc[0]
-    assert row["status"] == "ok" and row["randomized"] and row["eot"] == 10 and row["votes"] == 5
+    assert row["status"] == "ok" and row["randomized"] and row["eot"] == DEFAULT_EOT and row["votes"] == DEFAULT_VOTES
     assert not row["flag_randomized_without_eot"]
-    # every attack step differentiated 10 draws: 3 steps x 10 draws per attacked sample
+    # every attack step differentiated DEFAULT_EOT draws per attacked sample (the EOT probe is not counted)
     attacked = round(row["clean_acc"] * row["n"])
-    assert row["gradient_calls"] == 3 * 10 * attacked
+    assert row["gradient_calls"] == 3 * DEFAULT_EOT * attacked
+    assert (
+        row["eot_half"] == DEFAULT_EOT // 2
+        and 0 <= row["eot_p"] <= 1
+        and abs(row["eot_full_acc"] - row["robust_acc"]) < 1e-12
+    )
+
+
+def test_p_sets_eot_and_votes_of_a_one_attack_protocol(pm: pluggy.PluginManager, tmp_path: Path) -> None:  # noqa: F811
+    pm.register(_NoisyPlugin(), name="noisy")
+    attack = PluginSpec.of("pgd", {"steps": 2, "restarts": 1, "stop_on_success": False})
+    settings = (PluginSpec.of("pgd", {"eot": 4, "votes": 3}),)
+    table = cells(
+        run_tiny(pm, tmp_path, defenses=(PluginSpec("noisy"),), attacks=(attack,), attack_settings=settings, eps=(0.2,))
+    )
+    row = table.iloc[0]
+    assert (row["eot"], row["votes"], row["eot_half"]) == (4, 3, 2)
+    assert row["gradient_calls"] == 2 * 4 * round(row["clean_acc"] * row["n"])

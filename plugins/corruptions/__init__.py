@@ -62,6 +62,9 @@ class Corruptions(ProtocolDef):
     """
 
     name: ClassVar[str] = "corruptions"
+    # 2: zoom_blur's zooms as the reference's np.arange gives them, 8-bit steps as the reference's
+    # (motion blur, snow), sets truncated to uint8 (1: rounded)
+    revision: ClassVar[int] = 2
     corruptions: tuple[str, ...] = ()
     severities: tuple[int, ...] = ()
 

@@ -120,12 +120,17 @@ def glass_blur(x: Tensor, keys: Tensor, c: tuple[float, int, int]) -> Tensor:
     return _gaussian(torch.stack(out).float() / 255, c[0])
 
 
+def _8bit(x: Tensor) -> Tensor:
+    """Rounded to the 8-bit grid, as ImageMagick writes the reference's motion-blurred PNGs."""
+    return x.mul(255).round().clamp(0, 255) / 255
+
+
 def motion_blur(x: Tensor, keys: Tensor, c: tuple[int, float]) -> Tensor:
-    """Linear motion blur of radius/sigma ``c`` at an angle drawn in U(-45, 45) degrees."""
+    """Linear motion blur of radius/sigma ``c`` at an angle drawn in U(-45, 45) degrees (8-bit output)."""
     lib = _lib()
     angles = sample_uniform(_sub(keys, "angle"), torch.Size([]), -45, 45).tolist()
-    return torch.stack(
-        [_from_hwc(lib._motion_blur(_hwc(img), c[0], c[1], a)) for img, a in zip(x, angles, strict=True)]
+    return _8bit(
+        torch.stack([_from_hwc(lib._motion_blur(_hwc(img), c[0], c[1], a)) for img, a in zip(x, angles, strict=True)])
     )
 
 
@@ -160,10 +165,10 @@ def snow(x: Tensor, keys: Tensor, c: tuple[float, ...]) -> Tensor:
     layer = sample_normal(_sub(keys, "flakes"), torch.Size([1, h, w])) * c[1] + c[0]
     layer = _zoom(layer, c[2]) if c[2] != 1 else layer
     layer = torch.where(layer < c[3], 0.0, layer).clamp(0, 1)
+    layer = layer.mul(255).floor() / 255  # the reference blurs an 8-bit image (np.uint8 truncates)
     angles = sample_uniform(_sub(keys, "angle"), torch.Size([]), -135, -45).tolist()
     blur = _lib()._motion_blur
-    flakes = torch.stack([_from_hwc(blur(_hwc(f), c[4], c[5], a)) for f, a in zip(layer, angles, strict=True)])
-    flakes = flakes.mul(255).round().clamp(0, 255) / 255  # the reference's 8-bit snow layer
+    flakes = _8bit(torch.stack([_from_hwc(blur(_hwc(f), c[4], c[5], a)) for f, a in zip(layer, angles, strict=True)]))
     x = c[6] * x + (1 - c[6]) * torch.maximum(x, _grey(x) * 1.5 + 0.5)
     return x + flakes + flakes.flip(-1, -2)
 

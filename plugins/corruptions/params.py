@@ -22,14 +22,22 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from robench import ConfigError
 
 _S = 28 / 32  # the pixel scale of GREY28 against CIFAR32
 
 
 def _zooms(top: float) -> tuple[float, ...]:
-    """``np.arange(1, top, 0.01)`` of the reference, without its float drift."""
-    return tuple(round(1 + 0.01 * i, 2) for i in range(round((top - 1) / 0.01)))
+    """``np.arange(1, top, 0.01)``, float drift included, as the reference computes it.
+
+    The drift is part of the reference's output: ``np.arange(1, 1.06, 0.01)`` holds 7 factors
+    (up to 1.06), not 6, and the last of ``np.arange(1, 1.26, 0.01)`` is 1.2500000000000002,
+    which zooms a 26-pixel crop to 33 pixels where 1.25 would give 32. Lengths 7, 12, 16, 21
+    and 26 at severities 1-5 (tests/test_corruption_reference.py pins them).
+    """
+    return tuple(float(z) for z in np.arange(1, top, 0.01))
 
 
 CIFAR32: dict[str, tuple[Any, ...]] = {

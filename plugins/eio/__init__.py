@@ -25,7 +25,8 @@ Presets, with where each value comes from:
   and lr 0.01: with momentum 0.9 that is the step Adver-Fine's momentum-free lr 0.1 takes,
   and the gated cnn8 (no BatchNorm) was unstable from lr 0.03 with momentum in smoke runs.
 * ``smoke``: Fashion-MNIST on 2 CPU cores within minutes (``robench run --defense eio
-  --attack pgd`` in under 10 minutes, both variants on 1000 samples), with the structure
+  --attack pgd`` in under 10 minutes with ``-P eot=10``, both variants on 1000 samples; the
+  default 40 EOT draws make the ``rgn`` attack about 4 times longer), with the structure
   kept (pre-training, diversification with p = 3 paths and 10-step distillation,
   derivation, a short fine-tune): a 6000-image training subset, batch 64, lr 0.02 with
   momentum and no decay; 5 pre-training epochs (470 steps: the gated cnn8, which has no
@@ -33,8 +34,9 @@ Presets, with where each value comes from:
   unstable at 0.03), 1 diversification epoch on 2000 images (an image costs about 20 clean
   steps there), 2 fine-tuning epochs. Measured on the 2-core CPU machine (2026-11-26, fresh
   cache, tests sharing the cores for part of it): the whole run 6 min 49 s; training 65 s,
-  the derived variant's attack 65 s, the ``rgn`` variant's 273 s (EOT over 10 gate draws,
-  5 votes); derived 77.2 % clean / 22.8 % robust, rgn 68.0 / 28.2 at eps 0.1.
+  the derived variant's attack 65 s, the ``rgn`` variant's 273 s (EOT over 10 gate draws, then
+  the default, and 5 votes; the default is now 40 draws, about 4 times the time); derived
+  77.2 % clean / 22.8 % robust, rgn 68.0 / 28.2 at eps 0.1.
 """
 
 from __future__ import annotations

@@ -68,7 +68,8 @@ def benchmark_options(func: F) -> F:
             "protocol_params",
             multiple=True,
             metavar="KEY=VALUE",
-            help="Protocol parameter, e.g. -P steps=20, or -P blackbox-dverge.groups=[1,2] (repeatable).",
+            help="Protocol parameter, e.g. -P steps=20, or -P blackbox-dverge.groups=[1,2] (repeatable). Every "
+            "protocol, --attack's one-attack ones included, takes eot and votes (randomized variants: -P eot=40).",
         ),
         click.option(
             "-D",
@@ -173,7 +174,7 @@ def _benchmark(opts: dict[str, Any], exhaustive: bool = False) -> Benchmark:
     name = "-".join([*opts["defenses"], *attacks, *opts["protocols"], *opts["datasets"]])
     _check_scopes(dparams, opts["defenses"], "-D")
     _check_scopes(aparams, attacks, "-A")
-    _check_scopes(pparams, opts["protocols"], "-P")
+    _check_scopes(pparams, [*opts["protocols"], *attacks], "-P")
     return Benchmark(
         name=re.sub(r"[^A-Za-z0-9_.-]+", "_", name),
         datasets=tuple(opts["datasets"]),
@@ -181,6 +182,8 @@ def _benchmark(opts: dict[str, Any], exhaustive: bool = False) -> Benchmark:
         defenses=tuple(PluginSpec.of(d, _scoped(dparams, d)) for d in opts["defenses"]),
         attacks=tuple(PluginSpec.of(a, _scoped(aparams, a)) for a in attacks),
         protocols=tuple(PluginSpec.of(p, _scoped(pparams, p)) for p in opts["protocols"]),
+        # -P applies to the one-attack protocols of --attack too: eot and votes, checked by plan()
+        attack_settings=tuple(PluginSpec.of(a, ps) for a in dict.fromkeys(attacks) if (ps := _scoped(pparams, a))),
         norm=opts["norm"],
         eps=tuple(opts["eps"]),
         seeds=tuple(opts["seeds"]),

@@ -76,7 +76,7 @@ def assemble_row(inputs: RowInputs, key_columns: dict[str, Any], indices: torch.
         **check_columns(checks, prepared.declared_randomized, out, added),
         **corruption_columns(inputs.cell.protocol, inputs.versions, out),
         **prepared.facts,
-        **parts[0].indicators,  # per cell, on its check samples: computed with shard 0
+        **parts[0].cell_columns,  # per cell (indicators, EOT probe): measured with shard 0
         "skipped_versions": json.dumps([v.label for v in inputs.versions if v.skipped]),
         "status": "ok",
         "error": "",
@@ -96,4 +96,5 @@ def assemble_row(inputs: RowInputs, key_columns: dict[str, Any], indices: torch.
         "started_at": prepared.started_at,
         "finished_at": now(),
     }
+    row["check_seconds"] += parts[0].probe_seconds  # the EOT probe is a check too
     return CellResult(row, sample_rows(inputs.cell.key, indices, out))

@@ -12,7 +12,7 @@ the source hands the request to :func:`corrupted_set`, which
   the corruption and the sample index only, never on the batch, the subset or the model) and
   stores it for every later defense.
 
-Sets are stored as uint8, as CIFAR-10-C is. A corruption cell runs every version on every
+Sets are stored as uint8, truncated as CIFAR-10-C's generator does. A corruption cell runs every version on every
 sample (no early exit): its ``robust_acc`` is RobustBench's corruption accuracy, the mean
 accuracy over the sets (:func:`corruption_columns`).
 """
@@ -43,6 +43,12 @@ from robench.protocol import Protocol as EvalProtocol
 
 RELEASED_FOLDERS = {"cifar10": "CIFAR-10-C", "cifar100": "CIFAR-100-C"}
 """Dataset -> the folder name of its released corruption arrays under ``$ROBENCH_DATA``."""
+
+GENERATOR_REVISION = 2
+"""Part of every generated set's cache key: bumped whenever the generated images change, so a
+set made by an older generator is never reused. 2: zoom_blur's zoom factors as the reference's
+``np.arange`` gives them, motion blur and snow quantised as ImageMagick's 8-bit output, uint8
+by truncation (1: rounding)."""
 
 _Z = 1.959963984540054  # two-sided 95 % normal quantile
 
@@ -177,6 +183,7 @@ def _cached_or_generated(source: SetSource, version: Version, attack: Corruption
         "dataset": source.cell.model.dataset,
         "indices": hashlib.sha256(source.indices.numpy().tobytes()).hexdigest()[:16],
         "version": version.key(),
+        "generator": GENERATOR_REVISION,
     }
     shape = (len(source.indices), *source.data.images.shape[1:])
     images = cache.get(key, shape)
@@ -190,7 +197,9 @@ def _cached_or_generated(source: SetSource, version: Version, attack: Corruption
             channels_last=False,
         )
         x = generate(nn.Identity(), version, Threat("corruption", 0.0), source.data, source.indices, setup)
-        images = x.mul(255).round_().to(torch.uint8)  # stored as CIFAR-10-C is: 8-bit images
+        # stored as CIFAR-10-C is: 8-bit images, truncated (make_cifar_c.py's np.uint8 of 255 * image),
+        # not rounded (half a grey level brighter on average)
+        images = x.mul(255).floor_().to(torch.uint8)
         cache.put(key, images)
         source.generated += 1
     elif version.index == 0:

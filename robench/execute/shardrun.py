@@ -3,7 +3,8 @@
 The shard gets a fresh variant (its random stream restarted, its declared preprocessing
 crossed by BPDA), the versions its cell's checks left, and its cell's transfer sets sliced
 to its samples. Shard 0 also measures the cell's indicators of attack failure on the cell's
-check samples, once per cell, whichever executor runs the shards.
+check samples, and the EOT probe on its own samples, once per cell, whichever executor runs
+the shards.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from robench.bpda import with_preprocess
 from robench.cell import Cell, ModelKey
 from robench.context import ImageData, Progress
 from robench.execute.engine import Setup, evaluate
+from robench.execute.eotcheck import eot_check, eot_columns
 from robench.execute.events import Prepared
 from robench.execute.indicators import CheckSamples, TransferRows, measure_indicators, path_recorder
 from robench.execute.modelcheck import CHECK_SAMPLES, as_evaluated
@@ -114,7 +116,8 @@ def evaluate_shard(session: Session, cell: Cell, prepared: Prepared, index: int)
         progress=session.progress,
         recorder=recorder,
     )
-    indicators: dict[str, object] = {}
+    cell_columns: dict[str, object] = {}
+    probe_seconds = 0.0
     if check is not None and isinstance(kept, TransferRows):
         protocol = prepared.protocol
 
@@ -124,7 +127,10 @@ def evaluate_shard(session: Session, cell: Cell, prepared: Prepared, index: int)
         found = measure_indicators(
             variant, versions, cell.threat, check, setup, prepared.checks, out, recorder, kept.rows, surrogate
         )
-        indicators = found.columns()
+        # the EOT probe (randomized variants) reruns the first white-box version at half the draws
+        eot = eot_check(variant, versions, out, cell.threat, data, indices[part], setup)
+        cell_columns = {**found.columns(), **eot_columns(eot)}
+        probe_seconds = 0.0 if eot is None else eot.seconds
     provenance = {
         "device": str(session.device),
         "host": socket.gethostname(),
@@ -143,5 +149,6 @@ def evaluate_shard(session: Session, cell: Cell, prepared: Prepared, index: int)
         transfer_used=transfer.used,
         transfer_generated=transfer.generated,
         provenance=provenance,
-        indicators=indicators,
+        cell_columns=cell_columns,
+        probe_seconds=probe_seconds,
     )

@@ -67,8 +67,10 @@ class Part:
     :param transfer_generated: how many of them this shard generated
     :param provenance: where and when it ran (device, host, pid, started, finished, the
         seconds it waited on cache locks), kept in the part file
-    :param indicators: the cell's indicators of attack failure (columns), which shard 0
-        computes on the cell's check samples; empty for the other shards
+    :param cell_columns: row columns measured once per cell, with shard 0: the indicators
+        of attack failure (on the cell's check samples) and the EOT probe; empty for the
+        other shards
+    :param probe_seconds: seconds the EOT probe took (a check: added to ``check_seconds``)
     """
 
     index: int
@@ -80,7 +82,8 @@ class Part:
     transfer_used: list[str] = field(default_factory=list)
     transfer_generated: int = 0
     provenance: dict[str, Any] = field(default_factory=dict)
-    indicators: dict[str, Any] = field(default_factory=dict)
+    cell_columns: dict[str, Any] = field(default_factory=dict)
+    probe_seconds: float = 0.0
 
     def table(self, cell_key: str) -> pa.Table:
         """The part as a samples table (the cell's samples schema) with its counters in the
@@ -99,7 +102,8 @@ class Part:
             "transfer_used": self.transfer_used,
             "transfer_generated": self.transfer_generated,
             "provenance": self.provenance,
-            "indicators": self.indicators,
+            "cell_columns": self.cell_columns,
+            "probe_seconds": self.probe_seconds,
             "samples": self.indices.tolist(),  # the shard's order, which the samples table does not keep
         }
         schema = SAMPLE_SCHEMA.with_metadata({**SAMPLE_SCHEMA.metadata, PART_METADATA: json.dumps(meta).encode()})
@@ -123,7 +127,8 @@ class Part:
             transfer_used=list(meta["transfer_used"]),
             transfer_generated=meta["transfer_generated"],
             provenance=dict(meta["provenance"]),
-            indicators=dict(meta.get("indicators", {})),
+            cell_columns=dict(meta["cell_columns"]),
+            probe_seconds=meta["probe_seconds"],
         )
 
 

@@ -22,7 +22,7 @@ from robench.errors import ConfigError
 from robench.plan.config import Benchmark, exclude_entry
 from robench.plan.execution import execution_from_table
 from robench.plugin import PluginSpec
-from robench.protocol import Protocol, protocol_from_dict
+from robench.protocol import SETTINGS, Protocol, protocol_from_dict
 
 TOP_KEYS = (
     "name",
@@ -38,7 +38,7 @@ TOP_KEYS = (
 )
 GRID_KEYS = ("dataset", "arch", "defense", "protocol", "attack", "eps", "seed", "exclude")
 EVALUATION_KEYS = ("n_samples", "sample_seed", "batch_size", "shard_size", "sample_order")
-INLINE_PROTOCOL_KEYS = ("uses", "surrogates", "eot", "votes")
+INLINE_PROTOCOL_KEYS = ("uses", "surrogates", *SETTINGS)
 USE_KEYS = ("attack", "params", "source")
 SURROGATE_KEYS = ("name", "defense", "params", "seeds", "arch")
 
@@ -136,14 +136,25 @@ def _plugins(data: dict[str, Any], grid: dict[str, Any]) -> dict[str, Any]:
     names = _strings(grid.get("protocol", []), "grid.protocol")
     _check_listed(tables["defenses"], [s.name for s in defenses], "defenses", "defense")
     _check_listed(tables["attacks"], [s.name for s in attacks], "attacks", "attack")
-    _check_listed(tables["protocols"], names, "protocols", "protocol")
+    # [protocols.NAME] of a grid.attack entry: the settings (eot, votes) of its one-attack protocol
+    single = {n: t for n, t in tables["protocols"].items() if n not in names and n in {s.name for s in attacks}}
+    _check_listed({n: t for n, t in tables["protocols"].items() if n not in single}, names, "protocols", "protocol")
     inline = {n: t for n, t in tables["protocols"].items() if "uses" in t}
     return {
         "defenses": defenses,
         "attacks": attacks,
         "protocols": tuple(PluginSpec.of(n, tables["protocols"].get(n)) for n in names if n not in inline),
         "inline_protocols": tuple(_inline_protocol(n, inline[n]) for n in names if n in inline),
+        "attack_settings": tuple(_attack_settings(n, t) for n, t in single.items()),
     }
+
+
+def _attack_settings(name: str, table: dict[str, Any]) -> PluginSpec:
+    where = f"[protocols.{name}] (the one-attack protocol of grid.attack {name!r})"
+    _check_keys(table, SETTINGS, f"{where} key")
+    for key in table:
+        _scalar(table, key, int, None, where)
+    return PluginSpec.of(name, table)
 
 
 def _specs(value: Any, shared: Mapping[str, dict[str, Any]], where: str) -> tuple[PluginSpec, ...]:
@@ -189,7 +200,7 @@ def _inline_protocol(name: str, table: dict[str, Any]) -> Protocol:
     surrogates = [
         _surrogate(s, where) for s in _items(table.get("surrogates", []), f"{where} surrogates", (dict,), "tables")
     ]
-    for key in ("eot", "votes"):
+    for key in SETTINGS:
         _scalar(table, key, int, None, where)
     return protocol_from_dict(name, {**table, "uses": uses, "surrogates": surrogates})
 

@@ -51,6 +51,9 @@ class Benchmark:
     attacks: tuple[PluginSpec, ...] = ()
     protocols: tuple[PluginSpec, ...] = ()
     inline_protocols: tuple[Protocol, ...] = ()
+    attack_settings: tuple[PluginSpec, ...] = ()
+    """Protocol settings (``eot``, ``votes``) of the one-attack protocols of ``attacks``: one
+    spec per attack name (``-P eot=40``; in a file ``[protocols.NAME]`` for an ``attack`` entry)."""
     norm: Norm = "linf"
     eps: tuple[float, ...] = ()
     seeds: tuple[int, ...] = (0,)
@@ -96,8 +99,9 @@ class Benchmark:
         out = asdict(self)
         out.pop("extra")
         out.pop("execution")
-        if not self.exclude:
-            del out["exclude"]  # keeps the hashes (and run folders) of benchmarks written before it
+        for key in ("exclude", "attack_settings"):
+            if not out[key]:
+                del out[key]  # keeps the hashes (and run folders) of benchmarks written before them
         if self.sample_order == "random":
             del out["sample_order"]  # likewise: the default order is the one every earlier run used
         return out

@@ -63,10 +63,14 @@ def resolve_attack(registries: Registries, spec: PluginSpec, norm: Norm) -> Atta
 
 def resolve_protocols(benchmark: Benchmark, registries: Registries) -> list[Protocol]:
     """Every protocol of the benchmark, with each attack it uses validated."""
-    protocols = [single_attack(spec) for spec in benchmark.attacks]
+    settings = {s.name: s.param_dict() for s in benchmark.attack_settings}
+    for name in settings:
+        if name not in {a.name for a in benchmark.attacks}:  # a scope typo would silently do nothing
+            raise ConfigError(f"protocol settings for attack {name!r}, which the benchmark does not list")
+    protocols = [single_attack(spec, settings.get(spec.name)) for spec in benchmark.attacks]
     for spec in benchmark.protocols:
         definition = registries.protocols.get(spec.name).create(spec.param_dict())
-        protocols.append(definition.build(benchmark.preset))
+        protocols.append(definition.resolve(benchmark.preset))
     for protocol in benchmark.inline_protocols:
         if protocol.name in registries.protocols:  # two meanings of one name in ids and results
             raise ConfigError(f"inline protocol {protocol.name!r} has the name of a registered protocol; rename it")

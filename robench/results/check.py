@@ -223,17 +223,38 @@ def _keyed(data: RunData) -> dict[tuple[Any, ...], pd.Series]:
     return out
 
 
-def _key(row: pd.Series) -> tuple[Any, ...]:
+def _key(row: pd.Series, loose: bool = False) -> tuple[Any, ...]:
     # eps is rounded so that 0.1 written by two float paths still pairs
-    return tuple(round(float(row[c]), 12) if c == "eps" else row[c] for c in KEY_COLUMNS)
+    return tuple(
+        round(float(row[c]), 12) if c == "eps" else _spec(row, loose) if c == "protocol_spec" else row[c]
+        for c in KEY_COLUMNS
+    )
+
+
+def _spec(row: pd.Series, loose: bool) -> Any:
+    """``protocol_spec``; for a deterministic variant (or with ``loose``) without its ``eot`` and
+    ``votes``: they cannot move a deterministic model's numbers, so a new default EOT keeps its
+    cells paired with a baseline's."""
+    spec, randomized = row["protocol_spec"], row.get("randomized")
+    if (isinstance(randomized, bool | np.bool_) and bool(randomized) and not loose) or not isinstance(spec, str):
+        return spec
+    try:
+        data = json.loads(spec)
+    except json.JSONDecodeError:
+        return spec
+    if not isinstance(data, dict):
+        return spec
+    return json.dumps({k: v for k, v in data.items() if k not in ("eot", "votes")}, sort_keys=True)
 
 
 def _pop_failed(rows: dict[tuple[Any, ...], pd.Series], key: tuple[Any, ...], row: pd.Series) -> pd.Series | None:
-    """The cell of ``rows`` that is ``row`` but for ``n``, if either failed: a failed cell stores no ``n``."""
+    """The cell of ``rows`` that is ``row`` but for ``n`` (and EOT settings), if either failed: a
+    failed cell stores no ``n``, nor whether its variant is randomized."""
     i = KEY_COLUMNS.index("n")
+    loose = _key(row, loose=True)
     for other_key, other in rows.items():
         failed = row["status"] != "ok" or other["status"] != "ok"
-        if failed and other_key[:i] + other_key[i + 1 :] == key[:i] + key[i + 1 :]:
+        if failed and _key(other, loose=True)[:i] + _key(other, loose=True)[i + 1 :] == loose[:i] + loose[i + 1 :]:
             return rows.pop(other_key)
     return None
 

@@ -13,8 +13,8 @@ READABLE_VERSIONS = (1, 2, 3)
 """Schema versions this robench reads. Version 2 added the corruption columns (nullable; a
 version-1 file reads with them null) and the ``corruption`` norm; version 3 the shard columns
 (``batch_size``, ``shard_size``, ``shards``), the sample order, the published-reference, the
-no-gradient-path, BPDA and attack-failure indicator columns (null in older files): older
-folders stay readable."""
+no-gradient-path, BPDA, attack-failure indicator and EOT-probe columns (null in older
+files): older folders stay readable."""
 
 # name, type, meaning: the schema is written down once, here.
 CELL_COLUMNS: list[tuple[str, pa.DataType, str]] = [
@@ -74,7 +74,7 @@ CELL_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("flag_randomized_without_eot", pa.bool_(), "sanity: a randomized variant attacked without EOT"),
     ("checks", pa.string(), "model checks run before the attack: 'ok', or the checks that fired, comma-separated"),
     ("check_samples", pa.int32(), "evaluation samples the model checks ran on (the first of the subset)"),
-    ("check_seconds", pa.float64(), "seconds the model checks took (not part of attack_seconds)"),
+    ("check_seconds", pa.float64(), "seconds the model checks and the EOT probe took (not in attack_seconds)"),
     ("check_randomized", pa.bool_(), "check: repeated predictions on the same inputs differed (declared or not)"),
     ("flag_undeclared_randomness", pa.bool_(), "check: undeclared random prediction; evaluated as randomized"),
     ("flag_probability_outputs", pa.bool_(), "check: outputs are probabilities (>= 0, sum 1); attacks got their log"),
@@ -144,6 +144,12 @@ CELL_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("reference_source", pa.string(), "where the published numbers come from, and their protocol; else empty"),
     ("reference_followed", pa.bool_(), "the cell repeats the published evaluation (protocol, threat, sample order)"),
     ("flag_above_reference", pa.bool_(), "sanity: robust accuracy above the published one by more than its 95% CI"),
+    # randomized variants: the EOT probe on the cell's first shard (robench/execute/eotcheck.py)
+    ("eot_half", pa.int32(), "EOT probe (randomized variants): the first white-box version rerun with these draws"),
+    ("eot_half_acc", pa.float64(), "EOT probe: its robust accuracy with eot_half draws, on the first shard's samples"),
+    ("eot_full_acc", pa.float64(), "EOT probe: its robust accuracy with every draw (the cell's run), same samples"),
+    ("eot_p", pa.float64(), "EOT probe: one-sided exact McNemar p-value that doubling the draws lowered it"),
+    ("flag_eot_not_converged", pa.bool_(), "sanity: doubling EOT draws lowered robust accuracy (p < 0.05); raise eot"),
 ]
 
 SAMPLE_COLUMNS: list[tuple[str, pa.DataType, str]] = [

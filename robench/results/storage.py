@@ -135,10 +135,8 @@ class RunStore:
         key = result.row["cell_key"]
         samples = result.samples or {name: [] for name in SAMPLE_SCHEMA.names}
         atomic_parquet(pa.Table.from_pydict(samples, schema=SAMPLE_SCHEMA), self.path / "samples" / f"{key}.parquet")
-        row = {name: [result.row.get(name)] for name in CELL_SCHEMA.names}
-        row["schema_version"] = [SCHEMA_VERSION]
         target = self.path / "cells" / f"{key}.parquet"
-        atomic_parquet(pa.Table.from_pydict(row, schema=CELL_SCHEMA), target)
+        _write_row({**result.row, "schema_version": SCHEMA_VERSION}, target)
         return target
 
     def read_cells(self) -> pd.DataFrame:
@@ -161,9 +159,7 @@ class RunStore:
     def rewrite_cells(self, table: pd.DataFrame) -> None:
         """Store updated rows (e.g. sanity flags) of finished cells, each atomically."""
         for row in table.to_dict("records"):
-            data = {name: [row.get(name)] for name in CELL_SCHEMA.names}
-            target = self.path / "cells" / f"{row['cell_key']}.parquet"
-            atomic_parquet(pa.Table.from_pydict(data, schema=CELL_SCHEMA), target)
+            _write_row(row, self.path / "cells" / f"{row['cell_key']}.parquet")
 
     def read_manifest(self) -> dict[str, Any]:
         """The run's manifest."""
@@ -200,6 +196,14 @@ def check_row(result: CellResult) -> None:
         )
     if result.samples and set(result.samples) != set(SAMPLE_SCHEMA.names):
         raise ValueError(f"samples columns {sorted(result.samples)} are not the schema's {SAMPLE_SCHEMA.names}")
+
+
+def _write_row(row: dict[Any, Any], target: Path) -> None:
+    """One cells row, atomically; a NaN (pandas' null) is null in a column that is not float."""
+    values = {name: row.get(name) for name in CELL_SCHEMA.names}
+    exact = {field.name for field in CELL_SCHEMA if not pa.types.is_floating(field.type)}
+    data = {n: [None if n in exact and v != v else v] for n, v in values.items()}  # v != v: NaN
+    atomic_parquet(pa.Table.from_pydict(data, schema=CELL_SCHEMA), target)
 
 
 def describe_schema() -> Iterator[tuple[str, str, str, str]]:
