@@ -10,6 +10,9 @@ random start, last iterate), through the fake-quant twin for int8 variants, and 
 deployed (int8) model.
 
     python benchmarks/advft_unclamped.py benchmarks/advft-fashion.toml [--cache-dir DIR] [--eps 0.05] [-k TEXT]
+
+``--smoke`` (no benchmark file) runs a tiny int8 model (QAT from scratch on 256 images) on 8
+samples instead (for the tests).
 """
 
 from __future__ import annotations
@@ -20,18 +23,22 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _models import default_cache, model_session
 from torch import Tensor, nn
 
 from robench.cell import Cell
-from robench.context import Progress
 from robench.discover.manager import get_plugin_manager
 from robench.discover.registry import Registries
-from robench.execute.modelcache import ModelCache
 from robench.execute.session import Session
-from robench.execute.versions import TransferCache
 from robench.plan.benchfile import load_benchmark
+from robench.plan.config import Benchmark
 from robench.plan.grid import plan
-from robench.results.storage import RunStore
+from robench.plugin import PluginSpec
+
+SMOKE_DEFENSE = PluginSpec.of(
+    "advft",
+    {"start": "scratch", "compression": "qat", "finetune": "standard", "finetune_epochs": 1, "train_subset": 256},
+)
 
 
 def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, clamp: bool, steps: int = 20) -> Tensor:
@@ -48,31 +55,30 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, clamp: bool, steps: 
 def main() -> None:
     """Print clean and robust accuracy with and without the clamp, per variant."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("benchmark", type=Path)
-    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "robench")
+    parser.add_argument("benchmark", type=Path, nargs="?", help="benchmark file (not with --smoke)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="model cache (default: $ROBENCH_CACHE)")
     parser.add_argument("--eps", type=float, default=0.05)
     parser.add_argument("-k", dest="select", default="", help="only cells whose id contains this text")
+    parser.add_argument("--smoke", action="store_true", help="a tiny int8 model on 8 samples (for the tests)")
     args = parser.parse_args()
-    benchmark = load_benchmark(args.benchmark)
-    pm = get_plugin_manager()
-    registries = Registries.collect(pm)
+    if (args.benchmark is None) != args.smoke:
+        parser.error("give a benchmark file, or --smoke")
+    if args.smoke:
+        protocols = (PluginSpec("advft-pgd"),)
+        benchmark = Benchmark(
+            name="unclamped-smoke", defenses=(SMOKE_DEFENSE,), protocols=protocols, eps=(args.eps,), n_samples=8
+        )
+    else:
+        benchmark = load_benchmark(args.benchmark)
+    registries = Registries.collect(get_plugin_manager())
     cells = [
         c
         for c in plan(benchmark, registries)
         if c.protocol.name == "advft-pgd" and c.eps == args.eps and args.select in c.id
     ]
     with tempfile.TemporaryDirectory() as scratch:
-        cache = ModelCache(args.cache_dir)
-        session = Session(
-            benchmark,
-            pm,
-            registries,
-            RunStore(Path(scratch)),
-            cache,
-            TransferCache(args.cache_dir),
-            torch.device("cpu"),
-            Progress(),
-        )
+        cache = args.cache_dir or (Path(scratch) / "cache" if args.smoke else default_cache())
+        session = model_session(cache, benchmark, registries, scratch=Path(scratch) / "run")
         report(session, cells, args.eps)
 
 
@@ -89,7 +95,7 @@ def report(session: Session, cells: list[Cell], eps: float) -> None:
             clean = (variant.model(x).argmax(1) == y).float().mean()
         robust = []
         for clamp in (True, False):
-            batches = zip(x.split(500), y.split(500), strict=True)
+            batches = zip(torch.split(x, 500), torch.split(y, 500), strict=True)
             x_adv = torch.cat([pgd(variant.attack_model, xb, yb, eps, clamp) for xb, yb in batches])
             with torch.inference_mode():
                 robust.append((variant.model(x_adv).argmax(1) == y).float().mean())

@@ -12,6 +12,9 @@ standard deviations of the difference of two draws (3 x sqrt(2) x the std of the
 cell), rounded up to a whole point. Usage::
 
     python benchmarks/ci_spread.py [--seeds 5] [--out DIR] [--cache-dir DIR]
+
+``--smoke`` trains the grid's defenses on 256 images for one epoch, with 2 seeds, and
+evaluates 8 samples (for the tests).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from robench.discover.manager import get_plugin_manager
 from robench.execute.progress import TqdmProgress
 from robench.execute.runner import run
 from robench.plan.benchfile import load_benchmark
+from robench.plan.config import Benchmark
+from robench.plugin import PluginSpec
 from robench.results.storage import RunStore
 
 HERE = Path(__file__).resolve().parent
@@ -42,6 +47,13 @@ def spread(cells: pd.DataFrame) -> pd.DataFrame:
     return table.round(2)
 
 
+def smoke(benchmark: Benchmark) -> Benchmark:
+    """The grid with tiny trainings and 8 samples."""
+    tiny = {"train_subset": 256, "epochs": 1}
+    defenses = tuple(PluginSpec.of(s.name, {**s.param_dict(), **tiny}) for s in benchmark.defenses)
+    return dataclasses.replace(benchmark, defenses=defenses, n_samples=8)
+
+
 def main() -> None:
     """Run the grid with ``--seeds`` seeds and print the spread and the tolerance."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -49,8 +61,12 @@ def main() -> None:
     parser.add_argument("--file", type=Path, default=HERE / "ci.toml")
     parser.add_argument("--out", type=Path, default=None, help="run folder (default: a temporary one)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="model cache (default: a fresh one)")
+    parser.add_argument("--smoke", action="store_true", help="tiny trainings, 2 seeds, 8 samples (for the tests)")
     args = parser.parse_args()
-    benchmark = dataclasses.replace(load_benchmark(args.file), seeds=tuple(range(args.seeds)))
+    benchmark = load_benchmark(args.file)
+    if args.smoke:
+        benchmark, args.seeds = smoke(benchmark), 2
+    benchmark = dataclasses.replace(benchmark, seeds=tuple(range(args.seeds)))
     scratch = Path(tempfile.mkdtemp(prefix="robench-spread-"))
     out, cache = args.out or scratch / "run", args.cache_dir or scratch / "cache"
     run(benchmark, pm=get_plugin_manager(), run_dir=out, cache_dir=cache, device="cpu", progress=TqdmProgress())

@@ -10,6 +10,7 @@ none, and, as the worst case, with a checkpoint after every batch.
 
 About 6 minutes on 2 idle CPU cores. ``--cpus-per-task`` 1 runs the two model groups side by
 side with one thread each (their numbers then match a local run with one thread, not two).
+``--smoke`` does the same on tiny trainings and 8 samples (for the tests).
 """
 
 from __future__ import annotations
@@ -27,16 +28,29 @@ import torch
 from robench.discover.manager import get_plugin_manager
 from robench.execute.runner import run
 from robench.plan.benchfile import load_benchmark
+from robench.plan.config import Benchmark
 from robench.plan.execution import Execution
+from robench.plugin import PluginSpec
 from robench.results.storage import RunStore
 
 GRID = Path(__file__).resolve().parent / "ci.toml"
 MEASURED = ["cell_id", "n", "clean_acc", "robust_acc", "robust_ci_low", "robust_ci_high"]
+SMOKE = False  # --smoke: tiny trainings and 8 samples
+
+
+def grid() -> Benchmark:
+    """The CI grid (with ``--smoke``, its defenses on 256 images for one epoch, and 8 samples)."""
+    benchmark = load_benchmark(GRID)
+    if not SMOKE:
+        return benchmark
+    tiny = {"train_subset": 256, "epochs": 1}
+    defenses = tuple(PluginSpec.of(s.name, {**s.param_dict(), **tiny}) for s in benchmark.defenses)
+    return dataclasses.replace(benchmark, defenses=defenses, n_samples=8)
 
 
 def timed_run(executor: Execution, tmp: Path, name: str) -> tuple[float, pd.DataFrame]:
     """Wall seconds of the grid through ``executor`` from a fresh cache, and its table."""
-    benchmark = dataclasses.replace(load_benchmark(GRID), execution=executor)
+    benchmark = dataclasses.replace(grid(), execution=executor)
     start = time.perf_counter()
     run(benchmark, pm=get_plugin_manager(), run_dir=tmp / name, cache_dir=tmp / f"{name}-cache", device="cpu")
     seconds = time.perf_counter() - start
@@ -63,7 +77,7 @@ def _build_advt(folder: Path, scratch: bool) -> float:
     from robench.plan.grid import resolve_defense
 
     registries = Registries.collect(get_plugin_manager())
-    benchmark = load_benchmark(GRID)
+    benchmark = grid()
     spec = next(s for s in benchmark.defenses if s.name == "advt")
     defense = resolve_defense(registries, spec, benchmark.preset, "fashion-mnist")
     dataset = registries.datasets.get("fashion-mnist")
@@ -89,7 +103,10 @@ def main() -> None:
     """Time both executors and the checkpoints; print the ratios."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpus-per-task", type=int, default=0, help="CPUs (and threads) per Ray task")
+    parser.add_argument("--smoke", action="store_true", help="tiny trainings, 8 samples (for the tests)")
     args = parser.parse_args()
+    global SMOKE
+    SMOKE = args.smoke
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
         local_s, local = timed_run(Execution(), tmp, "local")

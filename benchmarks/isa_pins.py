@@ -13,6 +13,8 @@ by running this script on both and comparing the printed model hashes; the READM
 "Regression checks" says what robench's CI gate relies on instead. Usage::
 
     python benchmarks/isa_pins.py [--settings native,low,avx2] [--threads 2]
+
+``--smoke`` runs the settings native and aten-default on a tiny grid (for the tests).
 """
 
 from __future__ import annotations
@@ -33,6 +35,14 @@ from robench.execute.numerics import cpu_capability
 from robench.results.storage import RunStore
 
 HERE = Path(__file__).resolve().parent
+SMOKE_GRID = """
+name = "isa-smoke"
+[grid]
+defense = [{ name = "baseline", train_subset = 256, epochs = 1 }]
+attack = [{ name = "pgd", steps = 2, restarts = 1 }]
+[evaluation]
+n_samples = 8
+"""
 
 SETTINGS: dict[str, dict[str, str]] = {
     "native": {},
@@ -56,11 +66,12 @@ class Outcome:
     cells: pd.DataFrame
 
 
-def run_setting(name: str, pins: dict[str, str], scratch: Path, threads: int) -> Outcome:
-    """Run the CI grid under ``pins``; its time, model hashes and cells."""
+def run_setting(name: str, pins: dict[str, str], scratch: Path, threads: int, grid: Path) -> Outcome:
+    """Run the ``grid`` file under ``pins``; its time, model hashes and cells."""
     out, cache = scratch / name, scratch / f"{name}-cache"
     env = {**os.environ, **pins, "OMP_NUM_THREADS": str(threads)}
-    cmd = ["robench", "run", str(HERE / "ci.toml"), "--out", str(out), "--cache-dir", str(cache)]
+    # the robench of this interpreter (a virtual environment's, if it runs in one)
+    cmd = [sys.executable, "-m", "robench", "run", str(grid), "--out", str(out), "--cache-dir", str(cache)]
     start = time.perf_counter()
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seconds = time.perf_counter() - start
@@ -76,13 +87,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--settings", default="native,low,avx2", help=f"comma-separated, of {', '.join(SETTINGS)}")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="native and aten-default on a tiny grid (tests)")
     args = parser.parse_args()
-    names = args.settings.split(",")
+    names = ["native", "aten-default"] if args.smoke else args.settings.split(",")
     if names[0] != "native" or any(n not in SETTINGS for n in names):
         sys.exit(f"--settings must start with native and use only {', '.join(SETTINGS)}")
     scratch = Path(tempfile.mkdtemp(prefix="robench-isa-"))
+    grid = HERE / "ci.toml"
+    if args.smoke:
+        grid = scratch / "isa-smoke.toml"
+        grid.write_text(SMOKE_GRID)
     print(f"CPU capability (unpinned): {cpu_capability()}; threads {args.threads}")
-    results = {n: run_setting(n, SETTINGS[n], scratch, args.threads) for n in names}
+    results = {n: run_setting(n, SETTINGS[n], scratch, args.threads, grid) for n in names}
     native = results["native"]
     rows = []
     for name, r in results.items():

@@ -105,6 +105,9 @@ def main() -> None:
         print(cells[values].rename(columns=lambda c: c.removeprefix("indicator_")).round(3).to_string())
         for name, row in cells[cells["status"] != "ok"].iterrows():
             print(f"{name}: {row['error']}")
+    ok = cells[cells["status"] == "ok"]
+    cheaper = bool((ok["check_seconds"] < ok["attack_seconds"]).all())
+    print(f"checks cost less than the attack in every ok cell: {cheaper} (largest share {ok['check_share'].max():.1%})")
 
 
 if __name__ == "__main__":

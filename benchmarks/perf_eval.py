@@ -8,6 +8,8 @@ accuracies. Usage::
 
     python benchmarks/perf_eval.py [--n-samples 500] [--steps 50] [--cache-dir DIR]
 
+``--smoke`` runs every measurement on tiny models, 8 samples and 2 steps (for the tests).
+
 Accuracies are not bit-identical by design: torchattacks draws random starts per batch from
 the global generator while robench keys them per sample, and robench counts a sample as
 fooled at its first adversarial iterate (``stop_on_success``). The script prints both
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torchattacks
+from _models import built_model, default_cache, model_session
 from torch import Tensor, nn
 
 from robench.context import ImageData, Progress, Threat
@@ -33,10 +36,9 @@ from robench.defense import Variant
 from robench.discover.manager import get_plugin_manager
 from robench.discover.registry import Registries
 from robench.execute.engine import Setup, evaluate
-from robench.execute.modelcache import ModelCache
 from robench.execute.runner import run
 from robench.execute.session import Session
-from robench.execute.versions import TransferCache, Version, expand
+from robench.execute.versions import Version, expand
 from robench.losses import cross_entropy
 from robench.plan.config import Benchmark
 from robench.plugin import PluginSpec
@@ -96,25 +98,17 @@ def naive_transfer(
     return torch.stack(accuracies)
 
 
-def session_for(cache: Path, registries: Registries) -> Session:
-    """A robench session over Fashion-MNIST used to build (or load) models."""
-    bench = Benchmark(name="perf", defenses=(PluginSpec("baseline"),), attacks=(PluginSpec("pgd"),))
-    return Session(
-        bench,
-        get_plugin_manager(),
-        registries,
-        RunStore(cache / "unused-run"),
-        ModelCache(cache),
-        TransferCache(cache),
-        torch.device("cpu"),
-        Progress(),
-    )
+SMOKE_TRAINING = {"train_subset": 256, "epochs": 1}
+
+
+def spec(name: str, args: argparse.Namespace, **params: object) -> PluginSpec:
+    """The defense ``name`` with ``params``; with ``--smoke``, trained on 256 images for one epoch."""
+    return PluginSpec.of(name, {**(SMOKE_TRAINING if args.smoke else {}), **params})
 
 
 def model_of(session: Session, spec: PluginSpec, seed: int = 0) -> nn.Module:
     """The (cached) Fashion-MNIST cnn8 model of ``spec`` trained with ``seed``."""
-    models = session.models(session.model_key("fashion-mnist", "cnn8", spec, seed))[0]
-    return next(iter(models.values()))
+    return built_model(session, spec, seed)
 
 
 def whitebox(session: Session, registries: Registries, args: argparse.Namespace) -> None:
@@ -123,12 +117,12 @@ def whitebox(session: Session, registries: Registries, args: argparse.Namespace)
     indices = session.eval_indices("fashion-mnist")[: args.n_samples]
     x, y = data.batch(indices)
     threat = Threat("linf", args.eps)
-    protocol = registries.protocols.get("whitebox-pgd").create({"steps": args.steps}).build("smoke")
+    protocol = registries.protocols.get("whitebox-pgd").create({"steps": args.steps}).resolve("smoke")
     versions = expand(protocol, registries, "linf")
     setup = Setup(key="perf", batch_size=args.batch_size, device=torch.device("cpu"), exhaustive=False)
     print(f"(a) whitebox-pgd: PGD-{args.steps}, step eps/5, 5 restarts, eps {args.eps}, n={len(indices)}")
     for name in ("baseline", "advt"):
-        variant = Variant("model", model_of(session, PluginSpec(name)))
+        variant = Variant("model", model_of(session, spec(name, args)))
         naive, t_naive = timed(partial(naive_whitebox, variant.model, x, y, args.eps, args.steps, 5, args.batch_size))
         outcome, t_ours = timed(partial(_robust, variant, versions, threat, data, indices, setup))
         low, high = wilson_interval(int(outcome.sum()), len(outcome))
@@ -153,8 +147,8 @@ def _no_transfer(version: Version) -> Tensor:
 def transfer(registries: Registries, args: argparse.Namespace) -> None:
     """(b) a transfer protocol on 3 targets: regenerate per target vs robench's shared cache."""
     cache = Path(args.cache_dir)
-    targets = (PluginSpec("baseline"), PluginSpec("advt"), PluginSpec.of("baseline", {"epochs": 1}))
-    surrogate = Surrogate("base", PluginSpec("baseline"), (1000,), None)
+    targets = (spec("baseline", args), spec("advt", args), spec("baseline", args, epochs=1, lr=0.05))
+    surrogate = Surrogate("base", spec("baseline", args), (1000,), None)
     use = AttackUse(PluginSpec.of("pgd", {"steps": args.steps, "restarts": 3, "stop_on_success": False}), "base")
     protocol = Protocol(name="transfer-pgd", uses=(use,), surrogates=(surrogate,))
     bench = Benchmark(
@@ -165,9 +159,9 @@ def transfer(registries: Registries, args: argparse.Namespace) -> None:
         n_samples=args.n_samples,
         batch_size=args.batch_size,
     )
-    session = session_for(cache, registries)
+    session = model_session(cache, registries=registries)
     models = [model_of(session, t) for t in targets]
-    source = model_of(session, PluginSpec("baseline"), 1000)
+    source = model_of(session, surrogate.defense, 1000)
     indices = session.eval_indices("fashion-mnist")[: args.n_samples]
     x, y = session.data("fashion-mnist", "test").batch(indices)
     naive_acc, t_naive = timed(partial(naive_transfer, models, source, x, y, args))
@@ -198,7 +192,7 @@ def transfer(registries: Registries, args: argparse.Namespace) -> None:
 
 def throughput(session: Session, args: argparse.Namespace) -> None:
     """(c) samples x steps per second: robench's attack loop against a bare forward-backward loop."""
-    model = model_of(session, PluginSpec("advt"))
+    model = model_of(session, spec("advt", args))
     x, y = session.data("fashion-mnist", "test").batch(torch.arange(args.batch_size))
     steps = 20
 
@@ -237,12 +231,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--eps", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=250)
-    parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "robench"))
+    parser.add_argument("--cache-dir", default=None, help="model cache (default: $ROBENCH_CACHE)")
     parser.add_argument("--only", choices=["whitebox", "transfer", "throughput"])
+    parser.add_argument("--smoke", action="store_true", help="tiny models, 8 samples, 2 steps (for the tests)")
     args = parser.parse_args()
+    if args.smoke:
+        args.n_samples, args.steps, args.batch_size = 8, 2, 8
+        args.cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="robench-perf-smoke-")
+    args.cache_dir = args.cache_dir or str(default_cache())
     registries = Registries.collect(get_plugin_manager())
-    session = session_for(Path(args.cache_dir), registries)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    session = model_session(Path(args.cache_dir), registries=registries)
+    capability = torch.backends.cpu.get_cpu_capability()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability {capability}")
     if args.only in (None, "throughput"):
         throughput(session, args)
     if args.only in (None, "whitebox"):

@@ -144,6 +144,15 @@ class ProtocolDef(Plugin, ABC):
     def build(self, preset: str) -> Protocol:
         """The concrete protocol for a preset (``smoke`` or ``paper``)."""
 
+    @classmethod
+    def describe(cls) -> str:
+        """The plugin's description, and what every protocol's ``eot`` and ``votes`` mean."""
+        return (
+            f"{super().describe()}\n\neot, votes (every protocol): randomized variants are attacked through the mean "
+            f"of eot softmax draws and judged by a majority of votes predictions (None: the protocol's own, by "
+            f"default {DEFAULT_EOT} and {DEFAULT_VOTES})"
+        )
+
     def resolve(self, preset: str) -> Protocol:
         """:meth:`build`'s protocol with the ``eot`` and ``votes`` given, checked."""
         return replace(self.build(preset), **self.settings())
