@@ -117,7 +117,7 @@ _CELL_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     # indicators of attack failure (Pintor et al. 2022) on the check samples: robench/execute/indicators.py
     ("indicators", pa.string(), "indicators of attack failure that fired, comma-separated; 'ok'; 'n/a' (corruption)"),
     ("indicator_attack", pa.string(), "the white-box version whose path and unbounded run indicators 1, 2, 6 measured"),
-    ("indicator_silent_success", pa.float64(), "1: share of correct check samples fooled on the path, not at its end"),
+    ("indicator_silent_success", pa.float64(), "1: share of attacked check samples fooled on the path, not at its end"),
     ("indicator_incomplete_optimization", pa.float64(), "2: share of samples not fooled whose loss still moved"),
     (
         "indicator_transfer_failure",
@@ -131,7 +131,7 @@ _CELL_COLUMNS: list[tuple[str, pa.DataType, str]] = [
         pa.float64(),
         "6: share of correct check samples the attack without eps misses",
     ),
-    ("indicator_seconds", pa.float64(), "seconds the indicators took (not part of attack_seconds or check_seconds)"),
+    ("indicator_seconds", pa.float64(), "seconds the indicators took (recording the path: also in attack_seconds)"),
     ("robench_version", pa.string(), "robench version"),
     ("plugins", pa.string(), "JSON of plugin -> distribution==version for every loaded plugin"),
     ("torch_version", pa.string(), "torch version"),
