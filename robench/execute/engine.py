@@ -188,8 +188,9 @@ def _evaluate(
                 active = torch.zeros_like(robust)
                 correct = torch.ones_like(robust)
             elif version.use.source is None:
-                watched = recorder is not None and recorder.version == version.index
-                model = recorder.wrap(grad_model) if watched and recorder is not None else grad_model
+                model = grad_model
+                if recorder is not None and recorder.version == version.index:
+                    model = recorder.wrap(grad_model)  # the indicators read this version's path
                 correct, losses = _whitebox(judge, model, version, threat, data, indices, active, setup)
                 outcome.clean_loss += losses[0]
                 outcome.adv_loss += losses[1]

@@ -19,7 +19,7 @@ files): older folders stay readable."""
 # name, type, meaning: the schema is written down once, here.
 CELL_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("schema_version", pa.int32(), "version of this schema"),
-    ("cell_key", pa.string(), "content hash of everything that determines the cell (file name)"),
+    ("cell_key", pa.string(), "the cell (joins cells.cell_key)"),
     ("cell_id", pa.string(), "readable id: dataset/arch/defense/variant/attack/norm/eps/seed"),
     ("dataset", pa.string(), "dataset plugin name"),
     ("arch", pa.string(), "architecture plugin name"),
@@ -74,7 +74,7 @@ CELL_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("flag_randomized_without_eot", pa.bool_(), "sanity: a randomized variant attacked without EOT"),
     ("checks", pa.string(), "model checks run before the attack: 'ok', or the checks that fired, comma-separated"),
     ("check_samples", pa.int32(), "evaluation samples the model checks ran on (the first of the subset)"),
-    ("check_seconds", pa.float64(), "seconds the model checks and the EOT probe took (not in attack_seconds)"),
+    ("check_seconds", pa.float64(), "seconds the model checks took (not part of attack_seconds)"),
     ("check_randomized", pa.bool_(), "check: repeated predictions on the same inputs differed (declared or not)"),
     ("flag_undeclared_randomness", pa.bool_(), "check: undeclared random prediction; evaluated as randomized"),
     ("flag_probability_outputs", pa.bool_(), "check: outputs are probabilities (>= 0, sum 1); attacks got their log"),
@@ -97,7 +97,7 @@ CELL_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     # indicators of attack failure (Pintor et al. 2022) on the check samples: robench/execute/indicators.py
     ("indicators", pa.string(), "indicators of attack failure that fired, comma-separated; 'ok'; 'n/a' (corruption)"),
     ("indicator_attack", pa.string(), "the white-box version whose path and unbounded run indicators 1, 2, 6 measured"),
-    ("indicator_silent_success", pa.float64(), "1: share of correct check samples fooled on the path, not at its end"),
+    ("indicator_silent_success", pa.float64(), "1: share of attacked check samples fooled on the path, not at its end"),
     ("indicator_incomplete_optimization", pa.float64(), "2: share of samples not fooled whose loss still moved"),
     (
         "indicator_transfer_failure",
@@ -111,7 +111,7 @@ CELL_COLUMNS: list[tuple[str, pa.DataType, str]] = [
         pa.float64(),
         "6: share of correct check samples the attack without eps misses",
     ),
-    ("indicator_seconds", pa.float64(), "seconds the indicators took (not part of attack_seconds or check_seconds)"),
+    ("indicator_seconds", pa.float64(), "seconds the indicators took (recording the path: also in attack_seconds)"),
     ("robench_version", pa.string(), "robench version"),
     ("plugins", pa.string(), "JSON of plugin -> distribution==version for every loaded plugin"),
     ("torch_version", pa.string(), "torch version"),

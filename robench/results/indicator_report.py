@@ -30,10 +30,11 @@ def indicators_section(cells: pd.DataFrame) -> list[str]:
         return [*lines, "Not computed: these cells come from a robench without them.", ""]
     share = ran["indicator_seconds"].sum() / max((ran["indicator_seconds"] + ran["attack_seconds"]).sum(), 1e-9)
     lines += [
-        "After Pintor et al. (NeurIPS 2022), on each cell's check samples: the cell's first white-box version "
-        "rerun with its path recorded and without an eps bound, its loss under noise, its transfer examples "
-        f"against their surrogates. They took {ran['indicator_seconds'].sum():.2f} s, {100 * share:.2f} % of the "
-        f"cells' evaluation time. {int((ran['indicators'] == 'ok').sum())} of {len(ran)} cells: ok.",
+        "After Pintor et al. (NeurIPS 2022), on each cell's check samples: the path of the cell's first white-box "
+        "version (recorded as it ran), that version rerun without an eps bound, its loss under noise, the transfer "
+        f"examples against their surrogates. They took {ran['indicator_seconds'].sum():.2f} s, "
+        f"{100 * share:.2f} % of the cells' evaluation time. {int((ran['indicators'] == 'ok').sum())} of {len(ran)} "
+        "cells: ok.",
         "",
     ]
     for name, meaning in MEANING.items():
