@@ -107,7 +107,8 @@ def main() -> None:
             print(f"{name}: {row['error']}")
     ok = cells[cells["status"] == "ok"]
     cheaper = bool((ok["check_seconds"] < ok["attack_seconds"]).all())
-    print(f"checks cost less than the attack in every ok cell: {cheaper} (largest share {ok['check_share_after'].max():.1%})")
+    largest = ok["check_share_after"].max()
+    print(f"checks cost less than the attack in every ok cell: {cheaper} (largest share {largest:.1%})")
 
 
 if __name__ == "__main__":

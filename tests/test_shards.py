@@ -29,8 +29,8 @@ from robench.execute.shards import Part, shard_seed, shard_slices
 from robench.plan.benchfile import load_benchmark
 from robench.plan.config import DEFAULT_SHARD_SIZE
 from robench.plugin import PluginSpec
-from robench.results.check import sampling_notes
 from robench.results.parts import PartStore
+from robench.results.sampling import sampling_notes
 from robench.results.storage import RunStore
 from robench.testing import TinyPlugin
 

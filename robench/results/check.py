@@ -34,6 +34,7 @@ from robench.errors import ConfigError
 from robench.execute.numerics import machine_notes
 from robench.results.runfolder import RunData, RunFolderError, load_run
 from robench.results.runfolder import load_cells as load_cells  # re-exported: report.py reads cells through check
+from robench.results.sampling import sampling_notes
 
 KEY_COLUMNS: tuple[str, ...] = (
     "dataset",
@@ -55,27 +56,8 @@ KEY_COLUMNS: tuple[str, ...] = (
 give every sample the same verdict at any batch or shard size, so such cells must agree
 exactly. Batch-seeded attacks (torchattacks' APGD, Square and AutoAttack seed a whole batch)
 and randomized variants draw other numbers when either changes: their cells are still paired,
-and the test judges the difference as it judges noise; :func:`sampling_notes` says so."""
-
-SAMPLING_COLUMNS = {"batch_size": "attack batch size", "shard_size": "shard size"}
-"""Row columns that change the draws of batch-seeded attacks and random models (not the key)."""
-
-
-def sampling_notes(run: pd.DataFrame, baseline: pd.DataFrame) -> tuple[str, ...]:
-    """A note when the runs used another batch or shard size (where both recorded it)."""
-    notes = []
-    for column, label in SAMPLING_COLUMNS.items():
-        if column not in run or column not in baseline or run[column].isna().all() or baseline[column].isna().all():
-            continue  # a run folder of an older robench: not recorded
-        old, new = sorted(set(baseline[column].dropna().astype(int))), sorted(set(run[column].dropna().astype(int)))
-        if old != new:
-            notes.append(f"{label}: baseline {old}, run {new}")
-    if notes:
-        notes.append(
-            "keyed attacks on deterministic models give the same verdicts at any batch or shard size; batch-seeded "
-            "attacks (apgd, square, autoattack) and randomized variants draw other numbers, compared as noise"
-        )
-    return tuple(notes)
+and the test judges the difference as it judges noise;
+:func:`robench.results.sampling.sampling_notes` says so."""
 
 
 Verdict = Literal["regressed", "failed", "missing", "new", "improved", "ok"]
