@@ -147,7 +147,7 @@ def _no_transfer(version: Version) -> Tensor:
 def transfer(registries: Registries, args: argparse.Namespace) -> None:
     """(b) a transfer protocol on 3 targets: regenerate per target vs robench's shared cache."""
     cache = Path(args.cache_dir)
-    targets = (spec("baseline", args), spec("advt", args), spec("baseline", args, epochs=1, lr=0.05))
+    targets = (spec("baseline", args), spec("advt", args), spec("baseline", args, epochs=1))
     surrogate = Surrogate("base", spec("baseline", args), (1000,), None)
     use = AttackUse(PluginSpec.of("pgd", {"steps": args.steps, "restarts": 3, "stop_on_success": False}), "base")
     protocol = Protocol(name="transfer-pgd", uses=(use,), surrogates=(surrogate,))
