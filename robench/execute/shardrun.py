@@ -13,18 +13,17 @@ import os
 import socket
 from typing import Protocol as Interface
 
-import torch
 from torch import nn
 
 import robench
 from robench.bpda import with_preprocess
 from robench.cell import Cell, ModelKey
-from robench.context import ImageData, Progress
-from robench.execute.engine import Setup, evaluate
+from robench.execute.engine import evaluate
 from robench.execute.eotcheck import eot_check, eot_columns
 from robench.execute.events import Prepared
 from robench.execute.indicators import CheckSamples, TransferRows, measure_indicators, path_recorder
 from robench.execute.modelcheck import CHECK_SAMPLES, as_evaluated
+from robench.execute.prepare import Session as CellSession
 from robench.execute.rows import now
 from robench.execute.shards import Part
 from robench.execute.transfersource import SetSession, TransferSource
@@ -32,33 +31,12 @@ from robench.execute.versions import Version
 from robench.protocol import Surrogate
 
 
-class Session(SetSession, Interface):
-    """What a shard uses of its :class:`~robench.execute.session.Session`."""
-
-    @property
-    def device(self) -> torch.device:
-        """Where the shard runs."""
-        ...
-
-    @property
-    def progress(self) -> Progress:
-        """Progress reporting."""
-        ...
-
-    def data(self, dataset: str, split: str) -> ImageData:
-        """A loaded split."""
-        ...
-
-    def eval_indices(self, dataset: str) -> torch.Tensor:
-        """The evaluation subset."""
-        ...
+class Session(CellSession, SetSession, Interface):
+    """What a shard uses of its :class:`~robench.execute.session.Session`: what a cell's
+    preparation uses, and more."""
 
     def shards(self, cell: Cell) -> list[slice]:
         """The cell's shards."""
-        ...
-
-    def setup(self, cell: Cell) -> Setup:
-        """How the cell's versions run."""
         ...
 
     def models(self, key: ModelKey) -> tuple[dict[str, nn.Module], float, str]:
