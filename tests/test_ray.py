@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -199,7 +200,10 @@ def test_a_worker_killed_during_a_shard_costs_only_that_shard(
     remote = run_grid(pm, tmp_path, "ray", "ray", **values)
     assert (cluster / "shard-kill").exists()  # the worker did die, in its first shard
     calls = (cluster / "calls").read_text().split()
-    assert len(calls) == 5 and len(set(calls)) == 4  # 4 shards, and only the killed one ran twice
+    # 4 shards; the killed one (the first call ever) ran again; besides it, only shard 0's
+    # unconstrained-failure indicator calls the attack once more (on its check samples)
+    counts = Counter(calls)
+    assert len(counts) == 4 and counts[calls[0]] >= 2 and len(calls) - len(counts) <= 2
     pd.testing.assert_frame_equal(table(local)[MEASURED], table(remote)[MEASURED])
     pd.testing.assert_frame_equal(samples(local), samples(remote))
 
