@@ -147,7 +147,9 @@ def _no_transfer(version: Version) -> Tensor:
 def transfer(registries: Registries, args: argparse.Namespace) -> None:
     """(b) a transfer protocol on 3 targets: regenerate per target vs robench's shared cache."""
     cache = Path(args.cache_dir)
-    targets = (spec("baseline", args), spec("advt", args), spec("baseline", args, epochs=1))
+    # the third target is a weaker baseline: one epoch (smoke models already train one, so half the images)
+    weaker = {"train_subset": 128} if args.smoke else {"epochs": 1}
+    targets = (spec("baseline", args), spec("advt", args), spec("baseline", args, **weaker))
     surrogate = Surrogate("base", spec("baseline", args), (1000,), None)
     use = AttackUse(PluginSpec.of("pgd", {"steps": args.steps, "restarts": 3, "stop_on_success": False}), "base")
     protocol = Protocol(name="transfer-pgd", uses=(use,), surrogates=(surrogate,))
