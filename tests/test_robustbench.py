@@ -229,8 +229,10 @@ def test_dataset_mismatches_are_errors(lrr: tuple[nn.Module, dict[str, Any]]) ->
     grey = robench.DataShape(1, 28, 28, 10, (0.5,), (0.5,))
     with pytest.raises(robench.ConfigError, match="takes 3x32x32 images in 10 classes; dataset fashion-mnist has 1x28"):
         defense.fit(context(grey, "fashion-mnist"))
-    with pytest.raises(robench.ConfigError, match="this cell's dataset is not one robench evaluates"):
+    with pytest.raises(robench.ConfigError, match="this cell's dataset is not one robench evaluates") as info:
         RobustBenchModel.create({**params, "dataset": ""})  # e.g. --dataset fashion-mnist: no preset sets it
+    hint = f"({LRR} is a cifar10 and cifar100 model). Run with --dataset cifar10 or --dataset cifar100,"
+    assert hint in str(info.value)
     with pytest.raises(robench.ConfigError, match="dataset='imagenet' is not one robench evaluates"):
         RobustBenchModel.create({**params, "dataset": "imagenet"})
 

@@ -50,7 +50,7 @@ from torch import nn
 import robench
 from robench.plugins.robustbench.compat import zoo_entry
 from robench.plugins.robustbench.download import Remote, fetch
-from robench.plugins.robustbench.facts import leaderboard
+from robench.plugins.robustbench.facts import find, leaderboard
 from robench.plugins.robustbench.pins import Pins, check, default_cache
 from robench.plugins.robustbench.protocol import RobustBenchProtocol
 from robench.plugins.robustbench.weights import (
@@ -115,9 +115,12 @@ class RobustBenchModel(robench.Defense):
             )
         if self.dataset not in DATASETS:
             got = f"dataset={self.dataset!r}" if self.dataset else "this cell's dataset"
+            known = sorted({m.dataset for m in find(self.model_name, threat_model=self.threat_model)})
+            run_with = " or ".join(f"--dataset {d}" for d in known or DATASETS)
+            whose = f" ({self.model_name} is a {' and '.join(known)} model)" if known else ""
             raise robench.ConfigError(
-                f"robustbench: {got} is not one robench evaluates RobustBench models on (cifar10, cifar100). "
-                "Run with --dataset cifar10 or cifar100, or give -D dataset=... for a dataset of the same shape."
+                f"robustbench: {got} is not one robench evaluates RobustBench models on (cifar10, cifar100){whose}. "
+                f"Run with {run_with}, or give -D dataset=... for a dataset of the same shape."
             )
         object.__setattr__(self, "sha256", ",".join(self._expected()))
 
