@@ -116,14 +116,14 @@ def main() -> None:
     if args.smoke:
         args.n_samples = 8
     torch.set_num_threads(1)  # one thread each: the ratio compares the code, not the thread pools
-    scratch = Path(tempfile.mkdtemp(prefix="robench-aa-models-"))
-    cache = args.cache_dir or (scratch if args.smoke else default_cache())
-    session = model_session(cache)
-    data = session.data("fashion-mnist", "test")
-    print(f"torch {torch.__version__}, 1 thread, CPU capability {torch.backends.cpu.get_cpu_capability()}")
-    for name in ("baseline", "advt"):
-        spec = PluginSpec.of(name, SMOKE_TRAINING if args.smoke else None)
-        compare(f"{name} (smoke preset)", built_model(session, spec), args, data)
+    with tempfile.TemporaryDirectory(prefix="robench-aa-models-") as scratch:
+        cache = args.cache_dir or (Path(scratch) if args.smoke else default_cache())
+        session = model_session(cache)
+        data = session.data("fashion-mnist", "test")
+        print(f"torch {torch.__version__}, 1 thread, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+        for name in ("baseline", "advt"):
+            spec = PluginSpec.of(name, SMOKE_TRAINING if args.smoke else None)
+            compare(f"{name} (smoke preset)", built_model(session, spec), args, data)
 
 
 if __name__ == "__main__":

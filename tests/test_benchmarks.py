@@ -50,7 +50,8 @@ def test_every_benchmark_script_runs_its_smoke_setting(script: Path, tmp_path: P
             "run a tiny but real setting (a few samples, tiny trainings) in seconds: tests/test_benchmarks.py "
             "runs each one that way so that a change that breaks it fails CI"
         )
-    env = {**os.environ, "ROBENCH_CACHE": str(tmp_path / "cache"), "PYTHONHASHSEED": "0"}
+    # TMPDIR too: what a script's smoke run leaves in a temporary folder goes with the test's own
+    env = {**os.environ, "ROBENCH_CACHE": str(tmp_path / "cache"), "TMPDIR": str(tmp_path), "PYTHONHASHSEED": "0"}
     try:
         done = subprocess.run(
             [sys.executable, str(script), "--smoke"],
