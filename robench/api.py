@@ -36,6 +36,7 @@ def evaluate(
     norm: str = "linf",
     n_samples: int = 1000,
     sample_seed: int = 0,
+    sample_order: str = "random",
     seed: int = 0,
     attack_params: Mapping[str, Any] | None = None,
     protocol_params: Mapping[str, Any] | None = None,
@@ -60,6 +61,9 @@ def evaluate(
         all-or-nothing protocol); give this or ``protocol`` (default: ``pgd``)
     :param protocol: a registered protocol, e.g. ``whitebox-pgd``, ``autoattack``
     :param eps: one radius or several, in [0, 1] pixel units (default: the dataset's)
+    :param sample_order: ``random`` (the subset drawn with ``sample_seed``) or ``first`` (the
+        first ``n_samples`` test images in order, as RobustBench's leaderboard evaluates;
+        ``robench run --sample-order``)
     :param protocol_params: the protocol's parameters; with ``attack``, the ``eot`` and ``votes``
         of its one-attack protocol (the only parameters it takes)
     :param randomized: declare the model's prediction random (EOT and votes); the model
@@ -97,6 +101,7 @@ def evaluate(
         preset=preset,
         n_samples=n_samples,
         sample_seed=sample_seed,
+        sample_order=sample_order,
         batch_size=batch_size,
         exhaustive=exhaustive,
     )

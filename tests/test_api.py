@@ -89,6 +89,15 @@ def test_evaluate_runs_the_model_checks(tmp_path: Path) -> None:
     assert got.loc[0, "checks"] == "probability_outputs" and got.loc[0, "flag_probability_outputs"]
 
 
+def test_evaluate_takes_the_first_n_images_in_order(tmp_path: Path) -> None:
+    got = robench.evaluate(
+        tiny_model(), dataset="tiny", attack="fgsm", eps=0.2, n_samples=32, sample_order="first", device="cpu",
+        out=tmp_path / "run", cache_dir=tmp_path / "cache", progress=False, plugins=[TinyPlugin()],
+    )  # fmt: skip
+    assert got.loc[0, "sample_order"] == "first"
+    assert sorted(robench.read_run(tmp_path / "run", samples=True)["sample"].unique()) == list(range(32))
+
+
 def test_bad_input_fails_before_any_compute(tmp_path: Path) -> None:
     with pytest.raises(robench.ConfigError, match=r"needs a torch\.nn\.Module, got function"):
         robench.evaluate(lambda x: x)  # type: ignore[arg-type]
@@ -96,6 +105,8 @@ def test_bad_input_fails_before_any_compute(tmp_path: Path) -> None:
         robench.evaluate(tiny_model(), attack="pgd", protocol="square")
     with pytest.raises(robench.UnknownPluginError, match="Did you mean: pgd"):
         robench.evaluate(tiny_model(), attack="pgdd", cache_dir=tmp_path, progress=False)
+    with pytest.raises(robench.ConfigError, match=r"unknown sample order 'frist'. Did you mean: first"):
+        robench.evaluate(tiny_model(), sample_order="frist")
     with pytest.raises(robench.ConfigError, match=r"eps=2\.0 is outside"):
         robench.evaluate(tiny_model(), eps=2.0)
     with pytest.raises(robench.RobenchError, match="is not a robench run folder"):
