@@ -135,6 +135,15 @@ class Defense(Plugin, ABC):
         whatever the grid's architectures."""
         return arch
 
+    @classmethod
+    def datasets_for(cls, params: Mapping[str, object]) -> tuple[str, ...]:
+        """The datasets the models of these user parameters are made for, where the parameters
+        fix them (a model zoo entry: the datasets it was published for); empty: any dataset.
+        ``robench run`` without ``--dataset`` evaluates on them instead of its default
+        (fashion-mnist). Called before planning with the user's parameters only (no preset
+        applied), so it must be cheap and must not raise on incomplete ones."""
+        return ()
+
     def variant_names(self) -> tuple[str, ...]:
         """Names of the variants :meth:`fit` returns; known before any compute, for planning."""
         return ("model",)

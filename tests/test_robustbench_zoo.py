@@ -461,3 +461,25 @@ def test_the_one_command_plans_the_leaderboard_protocol_on_robustbench_network(s
     )
     code, printed = shell([*args, "--protocol", "robustbench", "--sample-order", "frist"])
     assert code == 2 and "'frist' is not one of 'random', 'first'" in printed
+
+
+def test_without_dataset_a_zoo_model_is_planned_on_the_dataset_it_was_published_for(shell: Shell) -> None:
+    model = ["--defense", "robustbench", "-D", "model_name=Carmon2019Unlabeled", "--protocol", "robustbench"]
+    code, printed = shell(["plan", *model, "--sample-order", "first"])
+    assert code == 0, printed
+    assert "dataset: cifar10, the one the defenses' models are made for (--dataset to choose)" in printed.splitlines()
+    assert printed.startswith("cifar10/WideResNet-28-10/robustbench[model_name=Carmon2019Unlabeled]/model/robustbench/")
+    # published for two datasets: the user chooses, before any compute
+    code, printed = shell(
+        ["plan", "--defense", "robustbench", "-D", f"model_name={LRR}", "-D", "threat_model=corruptions"]
+    )
+    assert code == 2 and "made for several datasets" in printed
+    assert "choose with --dataset cifar10 or --dataset cifar100" in printed
+    lrr = ["--defense", "robustbench", "-D", f"model_name={LRR}", "-D", "threat_model=corruptions"]
+    code, printed = shell(["plan", *lrr, "-D", "dataset=cifar100", "--protocol", "corruptions"])
+    assert code == 0 and printed.startswith("cifar100/"), printed
+    # --dataset wins; a defense that names no dataset keeps the default
+    code, printed = shell(["plan", "--dataset", "cifar10", *model])
+    assert code == 0 and "dataset:" not in printed and printed.startswith("cifar10/"), printed
+    code, printed = shell(["plan", "--defense", "baseline"])
+    assert code == 0 and printed.startswith("fashion-mnist/cnn8/baseline/"), printed

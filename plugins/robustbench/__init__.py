@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal, cast
@@ -123,6 +123,15 @@ class RobustBenchModel(robench.Defense):
                 f"Run with {run_with}, or give -D dataset=... for a dataset of the same shape."
             )
         object.__setattr__(self, "sha256", ",".join(self._expected()))
+
+    @classmethod
+    def datasets_for(cls, params: Mapping[str, object]) -> tuple[str, ...]:
+        """``-D dataset``, else the datasets RobustBench published ``model_name`` for (under
+        ``threat_model``): ``robench run`` without ``--dataset`` evaluates there."""
+        if params.get("dataset"):
+            return (str(params["dataset"]),)
+        name, threat_model = str(params.get("model_name", "")), str(params.get("threat_model", "Linf"))
+        return tuple(sorted({m.dataset for m in find(name, threat_model=threat_model)})) if name else ()
 
     @property
     def key(self) -> str:

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from robench.discover.registry import Registries
+    from robench.plugin import PluginSpec
 
 # Modules that import torch, pandas or pyarrow are imported inside the commands that need
 # them: `robench --help`, `--version` and flag errors answer in well under a second.
@@ -58,6 +59,16 @@ def _registries() -> Registries:
     from robench.discover.registry import Registries
 
     return Registries.collect(default_plugin_manager())
+
+
+def _own_datasets(defenses: Sequence[PluginSpec]) -> tuple[str, ...]:
+    """Without --dataset: the dataset the defenses' models are made for, said in one line."""
+    from robench.plan.grid import defense_datasets
+
+    found = defense_datasets(_registries(), defenses)
+    if found:
+        click.echo(f"dataset: {found[0]}, the one the defenses' models are made for (--dataset to choose)", err=True)
+    return found
 
 
 def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
@@ -146,7 +157,7 @@ def run(
     FILE is a benchmark file (benchmarks/*.toml) defining the whole grid; without it, the
     flags do. Example: robench run --defense advt --attack pgd --eps 0.05 --eps 0.1
     """
-    benchmark = resolve_benchmark(opts, exhaustive)  # flag errors first: no torch needed for them
+    benchmark = resolve_benchmark(opts, exhaustive, _own_datasets)  # flag errors first: no torch needed for them
     benchmark = with_execution(benchmark, executor, address, gpus_per_task, cpus_per_task)
     from robench.plan.grid import plan
 
@@ -186,7 +197,7 @@ def plan_cmd(select: str | None, **opts: Any) -> None:
     """Print the cells a run of FILE (or of the flags) would evaluate, without computing anything."""
     from robench.plan.grid import plan, select_cells
 
-    cells = select_cells(plan(resolve_benchmark(opts), _registries()), select)
+    cells = select_cells(plan(resolve_benchmark(opts, own_datasets=_own_datasets), _registries()), select)
     for cell in cells:
         click.echo(cell.id)
     click.echo(f"{len(cells)} cell(s)")

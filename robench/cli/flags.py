@@ -17,11 +17,13 @@ from click.core import ParameterSource
 
 from robench.errors import ConfigError
 from robench.plan.benchfile import benchmark_for_command
-from robench.plan.config import DEFAULT_SHARD_SIZE, Benchmark
+from robench.plan.config import DEFAULT_DATASET, DEFAULT_SHARD_SIZE, Benchmark
 from robench.plan.execution import with_overrides
 from robench.plugin import PluginSpec
 
 F = TypeVar("F", bound=Callable[..., Any])
+OwnDatasets = Callable[[Sequence[PluginSpec]], tuple[str, ...]]
+"""Defense specs -> the datasets their models are made for (see :func:`resolve_benchmark`)."""
 
 
 def _kv(pairs: Sequence[str]) -> dict[str, Any]:
@@ -92,9 +94,8 @@ def benchmark_options(func: F) -> F:
             "--dataset",
             "datasets",
             multiple=True,
-            default=("fashion-mnist",),
-            show_default=True,
-            help="Dataset (repeatable).",
+            help=f"Dataset (repeatable). Default: the dataset the defenses' models are made for, where their "
+            f"parameters fix one (a RobustBench model: the one it was published for), else {DEFAULT_DATASET}.",
         ),
         click.option(
             "--arch", "archs", multiple=True, default=("cnn8",), show_default=True, help="Architecture (repeatable)."
@@ -168,18 +169,20 @@ def benchmark_options(func: F) -> F:
     return func
 
 
-def _benchmark(opts: dict[str, Any], exhaustive: bool = False) -> Benchmark:
+def _benchmark(opts: dict[str, Any], exhaustive: bool = False, own_datasets: OwnDatasets | None = None) -> Benchmark:
     dparams, aparams, pparams = _kv(opts["defense_params"]), _kv(opts["attack_params"]), _kv(opts["protocol_params"])
     attacks = opts["attacks"] or (() if opts["protocols"] else ("pgd",))
-    name = "-".join([*opts["defenses"], *attacks, *opts["protocols"], *opts["datasets"]])
     _check_scopes(dparams, opts["defenses"], "-D")
     _check_scopes(aparams, attacks, "-A")
     _check_scopes(pparams, [*opts["protocols"], *attacks], "-P")
+    defenses = tuple(PluginSpec.of(d, _scoped(dparams, d)) for d in opts["defenses"])
+    datasets = tuple(opts["datasets"]) or (own_datasets(defenses) if own_datasets else ()) or (DEFAULT_DATASET,)
+    name = "-".join([*opts["defenses"], *attacks, *opts["protocols"], *datasets])
     return Benchmark(
         name=re.sub(r"[^A-Za-z0-9_.-]+", "_", name),
-        datasets=tuple(opts["datasets"]),
+        datasets=datasets,
         archs=tuple(opts["archs"]),
-        defenses=tuple(PluginSpec.of(d, _scoped(dparams, d)) for d in opts["defenses"]),
+        defenses=defenses,
         attacks=tuple(PluginSpec.of(a, _scoped(aparams, a)) for a in attacks),
         protocols=tuple(PluginSpec.of(p, _scoped(pparams, p)) for p in opts["protocols"]),
         # -P applies to the one-attack protocols of --attack too: eot and votes, checked by plan()
@@ -197,12 +200,18 @@ def _benchmark(opts: dict[str, Any], exhaustive: bool = False) -> Benchmark:
     )
 
 
-def resolve_benchmark(opts: dict[str, Any], exhaustive: bool = False) -> Benchmark:
+def resolve_benchmark(
+    opts: dict[str, Any], exhaustive: bool = False, own_datasets: OwnDatasets | None = None
+) -> Benchmark:
     """The benchmark of the FILE argument (--batch-size and --shard-size, if given, override its own) or
-    of the flags."""
+    of the flags.
+
+    :param own_datasets: without --dataset, the datasets the flags' defenses are made for
+        (:func:`robench.plan.grid.defense_datasets`); empty, or not given: the default dataset
+    """
     file: Path | None = opts.pop("file")
     if file is None:
-        return _benchmark(opts, exhaustive)
+        return _benchmark(opts, exhaustive, own_datasets)
     ctx, cmdline = click.get_current_context(), ParameterSource.COMMANDLINE
     given = {p.name: max(p.opts, key=len) for p in ctx.command.params if p.name in opts}
     given = {name: flag for name, flag in given.items() if ctx.get_parameter_source(str(name)) is cmdline}

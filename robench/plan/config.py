@@ -21,6 +21,9 @@ from robench.protocol import Protocol
 
 PRESETS = ("smoke", "paper")
 DEFAULT_SHARD_SIZE = 250
+DEFAULT_DATASET = "fashion-mnist"
+"""The dataset of a run that names none (robench run without --dataset, a benchmark file
+without ``datasets``), unless the defenses' models are made for another."""
 """Samples per shard unless told otherwise. The tests' and smoke runs' few hundred samples
 stay one shard or two; RobustBench's 10,000 CIFAR images under AutoAttack become 40 shards,
 each minutes of work on one GPU for a WideResNet-28-10: 5 full rounds on 8 GPUs, where shards
@@ -45,7 +48,7 @@ class Benchmark:
     """
 
     name: str
-    datasets: tuple[str, ...] = ("fashion-mnist",)
+    datasets: tuple[str, ...] = (DEFAULT_DATASET,)
     archs: tuple[str, ...] = ("cnn8",)
     defenses: tuple[PluginSpec, ...] = ()
     attacks: tuple[PluginSpec, ...] = ()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from robench.attack import Attack
@@ -36,6 +37,30 @@ def model_key(defense: Defense, dataset: str, arch: str, spec: PluginSpec, seed:
         defense.model_revision(),
         network="" if network == arch else network,
     )
+
+
+def defense_datasets(registries: Registries, defenses: Sequence[PluginSpec]) -> tuple[str, ...]:
+    """The dataset a run of ``defenses`` evaluates on when the user names none: the one that
+    every defense naming any (:meth:`robench.Defense.datasets_for`) is made for; empty when
+    none names any.
+
+    :raises ConfigError: when the defenses name no common dataset, or several
+    """
+    named = {}
+    for spec in defenses:
+        found = registries.defenses.get(spec.name).datasets_for(spec.param_dict())
+        if found:
+            named[spec.label()] = found
+    if not named:
+        return ()
+    common = sorted(set.intersection(*(set(found) for found in named.values())))
+    if len(common) == 1:
+        return (common[0],)
+    made_for = "; ".join(f"{label}: {', '.join(found)}" for label, found in named.items())
+    if not common:
+        raise ConfigError(f"the defenses' models are made for different datasets ({made_for}): name one with --dataset")
+    choices = " or ".join(f"--dataset {name}" for name in common)
+    raise ConfigError(f"the defenses' models are made for several datasets ({made_for}): choose with {choices}")
 
 
 def resolve_defense(registries: Registries, spec: PluginSpec, preset: str, dataset: str) -> Defense:
