@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -36,7 +37,7 @@ from torch import nn
 import robench
 from robench.discover.manager import get_plugin_manager
 from robench.execute.runner import run
-from robench.plugins.robustbench import RobustBenchModel
+from robench.plugins.robustbench import RobustBenchModel, download
 from robench.plugins.robustbench.facts import ModelFacts, leaderboard
 from robench.plugins.robustbench.pins import Pins
 from robench.results.report import write_report
@@ -240,6 +241,27 @@ def test_a_failed_download_is_one_error_naming_the_files_their_ids_and_the_folde
         f"DIR`, then copy DIR/cifar10/corruptions/ to {folder} (or download each id above in a browser), and run again."
     )
     assert leftovers(folder) == [f"{DECK}.pt_m{i}.pt" for i in range(4)]  # gdown's temporary file is gone
+
+
+@pytest.mark.usefixtures("narrow")
+def test_a_stalled_connection_fails_the_download_instead_of_hanging(
+    tofu: tuple[nn.Module, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a server that accepts connections and never answers, as behind a firewall that drops replies;
+    # the fake asks it as gdown asks Drive: requests without a timeout, which would wait forever
+    _, params = tofu
+    silent = socket.create_server(("127.0.0.1", 0))
+    port = silent.getsockname()[1]
+
+    def drive(id: str, output: str, quiet: bool) -> str:
+        requests.get(f"http://127.0.0.1:{port}/uc?id={id}")
+        raise AssertionError("the silent server answered")
+
+    monkeypatch.setattr(gdown, "download", drive)
+    monkeypatch.setattr(download, "STALL_SECONDS", 0.5)
+    with silent, pytest.raises(robench.DataNotFoundError, match=r"Google Drive sent nothing for 0\.5 s"):
+        RobustBenchModel.create(params).fit(context(cache=tmp_path / "cache"))
+    assert leftovers(Path(params["model_dir"]) / "cifar10" / "corruptions") == []
 
 
 def test_a_transfer_cut_short_or_a_web_page_is_refused_and_leaves_no_file(

@@ -24,14 +24,18 @@ from __future__ import annotations
 import pickle
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import robench
 
 DRIVE_URL = "https://drive.google.com/uc?id={}"
+STALL_SECONDS = 60.0
+"""A connection that sends nothing for this long fails the download instead of hanging the run."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,11 @@ def download(remote: Remote, folder: Path, log: Callable[[str], None]) -> Path:
     try:
         import gdown  # robustbench's own downloader (it pins gdown 5.1.0)
 
-        written = gdown.download(id=remote.gdrive_id, output=str(part), quiet=not sys.stderr.isatty())
+        written = _without_stalls(
+            lambda: gdown.download(id=remote.gdrive_id, output=str(part), quiet=not sys.stderr.isatty()),
+            folder,
+            remote.file,
+        )
         if written is None or not part.is_file():
             raise DownloadFailed("gdown wrote no file")
         problem = incomplete(part)
@@ -105,6 +113,39 @@ def download(remote: Remote, folder: Path, log: Callable[[str], None]) -> Path:
     size = target.stat().st_size
     log(f"robustbench: {target} complete, {size / 1e6:.1f} MB in {time.monotonic() - start:.0f} s")
     return target
+
+
+def _without_stalls(call: Callable[[], str | None], folder: Path, file: str) -> str | None:
+    """``call()``, abandoned with :class:`DownloadFailed` once ``file``'s temporary files in
+    ``folder`` have not grown for :data:`STALL_SECONDS`.
+
+    gdown takes no timeout and calls requests without one, so a connection that stops
+    answering (a firewall that drops packets) would hang the run in its build. Written here
+    because nothing in gdown or requests bounds it from outside: the call runs in a daemon
+    thread, and the bytes it writes are the sign of progress. An abandoned thread ends with
+    the process; the caller removes what it wrote.
+    """
+    outcome: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            outcome["written"] = call()
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name=f"download {file}", daemon=True)
+    thread.start()
+    size, since = -1, time.monotonic()
+    while thread.is_alive():
+        thread.join(min(1.0, STALL_SECONDS / 4))
+        now = sum(p.stat().st_size for p in folder.glob(f".{file}.part*") if p.is_file())
+        if now != size:
+            size, since = now, time.monotonic()
+        elif thread.is_alive() and time.monotonic() - since > STALL_SECONDS:
+            raise DownloadFailed(f"Google Drive sent nothing for {STALL_SECONDS:g} s, the connection stalled")
+    if "error" in outcome:
+        raise cast(BaseException, outcome["error"])
+    return cast("str | None", outcome.get("written"))
 
 
 def incomplete(path: Path) -> str:
