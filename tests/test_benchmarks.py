@@ -12,8 +12,10 @@ benchmarks/ too (pyproject.toml).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -50,8 +52,10 @@ def test_every_benchmark_script_runs_its_smoke_setting(script: Path, tmp_path: P
             "run a tiny but real setting (a few samples, tiny trainings) in seconds: tests/test_benchmarks.py "
             "runs each one that way so that a change that breaks it fails CI"
         )
-    # TMPDIR too: what a script's smoke run leaves in a temporary folder goes with the test's own
-    env = {**os.environ, "ROBENCH_CACHE": str(tmp_path / "cache"), "TMPDIR": str(tmp_path), "PYTHONHASHSEED": "0"}
+    # TMPDIR too, so that what a script leaves in temporary folders is removed with it. A short
+    # one: Ray puts its sockets under it, and a socket path may not exceed 107 bytes.
+    scratch = tempfile.mkdtemp(prefix="rb-")
+    env = {**os.environ, "ROBENCH_CACHE": str(tmp_path / "cache"), "TMPDIR": scratch, "PYTHONHASHSEED": "0"}
     try:
         done = subprocess.run(
             [sys.executable, str(script), "--smoke"],
@@ -64,6 +68,8 @@ def test_every_benchmark_script_runs_its_smoke_setting(script: Path, tmp_path: P
         )
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"benchmarks/{script.name} --smoke ran longer than {SMOKE_SECONDS} s: {exc.stdout!r}")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     tail = "\n".join((done.stdout + done.stderr).splitlines()[-30:])
     assert done.returncode == 0, f"benchmarks/{script.name} --smoke exited {done.returncode}:\n{tail}"
     assert done.stdout.strip(), f"benchmarks/{script.name} --smoke printed nothing"
