@@ -115,7 +115,7 @@ class RobustBenchModel(robench.Defense):
             )
         if self.dataset not in DATASETS:
             got = f"dataset={self.dataset!r}" if self.dataset else "this cell's dataset"
-            known = sorted({m.dataset for m in find(self.model_name, threat_model=self.threat_model)})
+            known = _published_for(self.model_name, self.threat_model)
             run_with = " or ".join(f"--dataset {d}" for d in known or DATASETS)
             whose = f" ({self.model_name} is a {' and '.join(known)} model)" if known else ""
             raise robench.ConfigError(
@@ -130,8 +130,7 @@ class RobustBenchModel(robench.Defense):
         ``threat_model``): ``robench run`` without ``--dataset`` evaluates there."""
         if params.get("dataset"):
             return (str(params["dataset"]),)
-        name, threat_model = str(params.get("model_name", "")), str(params.get("threat_model", "Linf"))
-        return tuple(sorted({m.dataset for m in find(name, threat_model=threat_model)})) if name else ()
+        return _published_for(str(params.get("model_name", "")), str(params.get("threat_model", "Linf")))
 
     @property
     def key(self) -> str:
@@ -290,3 +289,8 @@ def robench_commands() -> list[click.Command]:
     from robench.plugins.robustbench.cli import zoo
 
     return [zoo]
+
+
+def _published_for(model_name: str, threat_model: str) -> tuple[str, ...]:
+    """The datasets RobustBench published ``model_name`` for under ``threat_model`` (robench's facts)."""
+    return tuple(sorted({m.dataset for m in find(model_name, threat_model=threat_model)})) if model_name else ()
